@@ -1,0 +1,179 @@
+"""The step loop: schedule -> forward -> choose tokens, until the interpreter says the request is finished."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..lang.layout import ReservePolicy, tokenize_segments
+from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
+from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
+from .interpreter import Interpreter, Limits
+from .runner import HFRunner
+from .sampler import sample, thread_generator
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one generation.
+
+    Args:
+        max_new_tokens: tokens all threads may write together (tags included).
+        async_factor: an async block may write async_factor * its promised tokens (plus its closing tag).
+        async_cap: hard cap on the tokens of one async block.
+        max_threads: live async threads; a promise past it is decoded inline by main.
+        max_context: cache slots per request; None takes the model's max_position_embeddings.
+        reserve_scale: positions reserved per block, R = ceil(scale * tokens) + tag overhead; 0 reserves none.
+        temperature: 0 is greedy.
+        top_p: nucleus sampling threshold in (0, 1].
+        seed: seeds every thread's own generator.
+        sequential: decode everything in main, one token at a time (the baseline).
+        record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
+    """
+
+    max_new_tokens: int = 512
+    async_factor: float = 2.0
+    async_cap: int = 512
+    max_threads: int = 8
+    max_context: int | None = None
+    reserve_scale: float = 1.0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    sequential: bool = False
+    record_logits: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        ReservePolicy(self.reserve_scale)  # validates the scale
+        self.limits(None)  # validates the limits
+
+
+    def limits(self, max_positions: int | None) -> Limits:
+        return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,
+                      self.max_context or max_positions, max_positions)
+
+
+@dataclass
+class Result:
+    """One answer and its measures (DESIGN.md section 5)."""
+
+    text: str
+    raw: str
+    model: str
+    mode: str
+    prompt_tokens: int
+    tokens: int  # tokens of the rendered answer (tags excluded)
+    tag_tokens: int
+    decode_steps: int  # forward passes, prefill included
+    threads: int  # async threads forked
+    theoretical_speedup: float
+    wall_s: float
+    limits_hit: list[str]
+    finish: list[str] = field(default_factory=list)  # why each thread ended, main first
+    token_ids: list[list[int]] = field(default_factory=list)  # each thread's written tokens (main without prompt)
+    logits: dict | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("logits")
+        d.pop("token_ids")
+        return d
+
+
+def scripts_for(tokenizer, annotated: str, sequential: bool = False) -> list[list[int]]:
+    """Per-thread token scripts that replay an annotated answer (tokenized segment by segment).
+
+    Main's script holds its text and tags; block j's holds its chunk and `</async>`. `<async>` is never
+    scripted: the interpreter forces it. Sequentially, main writes the blocks inline."""
+    scripts: list[list[int]] = [[]]
+    for seg, ids in tokenize_segments(tokenizer, annotated):
+        if seg.kind == OPEN:
+            if not sequential:
+                scripts.append([])
+        elif seg.kind in (CHUNK, CLOSE) and not sequential:
+            scripts[-1].extend(ids)
+        elif seg.kind in (TEXT, PROMISE, SYNC_KIND, CHUNK, CLOSE):
+            scripts[0].extend(ids)
+    return scripts
+
+
+class Engine:
+    """Asynchronous (PASTA) and sequential decoding of one HF causal LM."""
+
+    def __init__(self, model, tokenizer, name: str = "model", stop_ids: set[int] | None = None):
+        from ..models import stop_ids as default_stop_ids
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.stop_ids = set(stop_ids) if stop_ids is not None else default_stop_ids(model, tokenizer)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        enc = tokenizer.encode
+        self.tag_overhead = len(enc(ASYNC_OPEN, add_special_tokens=False)) + len(
+            enc(ASYNC_CLOSE, add_special_tokens=False))
+
+    def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
+                 force: str | None = None, on_text=None) -> Result:
+        """Answer one prompt (token ids, chat template applied). `force` replays an annotated answer instead of
+        choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final."""
+        t0 = time.perf_counter()
+        policy = ReservePolicy(config.reserve_scale, self.tag_overhead)
+        scripts = scripts_for(self.tokenizer, force, config.sequential) if force is not None else None
+        interp = Interpreter(self.tokenizer, list(prompt_ids), self.stop_ids, config.limits(self.max_positions),
+                             policy, config.sequential, scripts)
+        runner = HFRunner(self.model)
+        generators: dict[int, torch.Generator] = {}
+        logits_log: dict | None = {} if config.record_logits else None
+        steps, streamed = 0, 0
+        while not interp.finished:
+            feeds = interp.schedule()
+            if not feeds:
+                break  # a limit ended the request
+            logits = runner.forward(feeds, interp.layout.num_threads)  # (len(feeds), V)
+            steps += 1
+            rows = {f.thread: (i, f.span.start + len(f.ids) - 1) for i, f in enumerate(feeds)}
+            if logits_log is not None:
+                for tid, (i, idx) in rows.items():
+                    logits_log[(tid, idx)] = logits[i].float().clone()
+            for tid in interp.fed(feeds):
+                token = interp.scripted(tid)
+                if token is None:
+                    if tid not in generators:
+                        generators[tid] = thread_generator(config.seed, tid)
+                    token = sample(logits[rows[tid][0]], config.temperature, config.top_p, generators[tid])
+                interp.write(tid, token)
+            if on_text is not None:
+                streamed = _stream(interp.rendered(), streamed, on_text)
+        if on_text is not None:
+            _stream(interp.rendered(complete=True), streamed, on_text)
+        tag_tokens = interp.tag_tokens()
+        generated = interp.num_generated()
+        return Result(
+            text=interp.rendered(complete=True),
+            raw=interp.raw(),
+            model=self.name,
+            mode=("forced-" if force is not None else "") + ("sequential" if config.sequential else "async"),
+            prompt_tokens=len(prompt_ids),
+            tokens=generated - tag_tokens,
+            tag_tokens=tag_tokens,
+            decode_steps=steps,
+            threads=len(interp.threads) - 1,
+            theoretical_speedup=round(interp.theoretical_speedup(), 4),
+            wall_s=round(time.perf_counter() - t0, 4),
+            limits_hit=list(interp.limits_hit),
+            finish=[t.finish for t in interp.threads],
+            token_ids=[interp.threads[0].tokens[len(prompt_ids):]] + [t.tokens for t in interp.threads[1:]],
+            logits=logits_log,
+        )
+
+
+def _stream(text: str, done: int, on_text) -> int:
+    if len(text) > done:
+        on_text(text[done:])
+    return max(done, len(text))

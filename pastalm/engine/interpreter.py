@@ -1,0 +1,350 @@
+"""The PASTA-LANG interpreter: a per-request state machine over threads, tags and limits. No tensors here.
+
+Each step the engine asks `schedule()` for the tokens to feed (one span per thread, with positions and views
+from the shared `Layout`), runs one forward pass, and hands back one next token per thread that wants one
+(`wants_token`). The interpreter detokenizes and parses each thread's text and acts on what it finds:
+fork on a completed promise, pause main on a completed `<sync/>` until its blocks are done, end a block on
+`</async>`, on its budget or on EOS, and finish when main is done and every block is done.
+
+Every written token is fed to the cache (so main sees exactly the text a block wrote), except a stop token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from ..lang.layout import Layout, ReservePolicy, Span
+from ..lang.parser import AsyncClose, Promise, StreamParser, Sync, Text
+from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
+from .detok import Detokenizer
+
+
+class Status(IntEnum):
+    """Ordered: a thread at FINISHING or later writes nothing new; DONE needs nothing fed."""
+
+    RUNNING = 0
+    WAITING = 1  # main wrote a <sync/>; its last token waits to be fed until the blocks are done
+    FINISHING = 2  # the thread ended; its last written tokens still go into the cache
+    DONE = 3
+
+
+@dataclass
+class Limits:
+    """Budgets of one request. `None` means no limit of that kind."""
+
+    max_new_tokens: int = 512  # all threads together, tags included
+    async_factor: float = 2.0  # a block may write factor * promised tokens (+ its closing tag) ...
+    async_cap: int = 512  # ... but never more than this
+    max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
+    max_context: int | None = None  # cache slots (prompt + every written token)
+    max_positions: int | None = None  # rotary positions the model supports
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "async_cap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.async_factor <= 0:
+            raise ValueError(f"async_factor must be > 0, got {self.async_factor}")
+        if self.max_threads < 0:
+            raise ValueError(f"max_threads must be >= 0, got {self.max_threads}")
+        for name in ("max_context", "max_positions"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+
+
+@dataclass
+class Thread:
+    """One thread of a request: main (id 0, whose first tokens are the prompt) or an async block."""
+
+    id: int
+    parser: StreamParser
+    detok: Detokenizer
+    tokens: list[int] = field(default_factory=list)  # every token written (prompt and forced ones included)
+    num_fed: int = 0  # tokens already in the cache
+    num_generated: int = 0  # tokens written after the prompt (forced ones included)
+    num_chosen: int = 0  # tokens chosen by the model (or its script), forced ones excluded
+    status: Status = Status.RUNNING
+    events: list = field(default_factory=list)  # parser events, in order
+    forks: dict[int, int] = field(default_factory=dict)  # main: event index of a promise -> its thread id
+    promise: Promise | None = None  # async: the promise it keeps
+    budget: int | None = None  # async: max tokens it may write
+    closed: bool = False  # async: wrote </async>
+    finish: str = ""  # why it ended: "eos", "close", "budget", "max_new_tokens", "context", "script"
+    start_clock: int = 0  # critical-path clock when it started
+    script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
+    pending_forks: list[Promise] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.id == 0
+
+    def pending(self) -> int:
+        return len(self.tokens) - self.num_fed
+
+    def text(self) -> str:
+        """This thread's rendered text so far (a block's chunk; main without its blocks)."""
+        return "".join(e.raw for e in self.events if isinstance(e, Text))
+
+
+@dataclass
+class Feed:
+    """Tokens of one thread to feed in this step, with their layout span."""
+
+    thread: int
+    ids: list[int]
+    span: Span
+
+
+class Interpreter:
+    """State of one request: threads, layout, limits and the measures of the result."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop_ids: set[int], limits: Limits = Limits(),
+                 policy: ReservePolicy | None = None, sequential: bool = False,
+                 scripts: list[list[int]] | None = None):
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.limits = limits
+        self.open_ids = list(tokenizer.encode(ASYNC_OPEN, add_special_tokens=False))
+        close_len = len(tokenizer.encode(ASYNC_CLOSE, add_special_tokens=False))
+        self.policy = policy or ReservePolicy(1.0, len(self.open_ids) + close_len)
+        self.close_len = close_len
+        self.layout = Layout(self.policy)
+        self.sequential = sequential
+        self.scripts = scripts
+        self.num_prompt = len(prompt_ids)
+        self.limits_hit: list[str] = []
+        self.num_slots = 0
+        self.clock = 0  # critical-path length of main so far, in written tokens
+        self.critical = 0  # longest finished path so far
+        main = self._new_thread(0, "main")
+        main.tokens = list(prompt_ids)
+        main.script = list(scripts[0]) if scripts else None
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+
+    def _new_thread(self, tid: int, role: str) -> Thread:
+        t = Thread(tid, StreamParser(role), Detokenizer(self.tokenizer))
+        self.threads = getattr(self, "threads", []) + [t]
+        return t
+
+    @property
+    def main(self) -> Thread:
+        return self.threads[0]
+
+    @property
+    def finished(self) -> bool:
+        return all(t.status == Status.DONE for t in self.threads)
+
+    def live_blocks(self) -> int:
+        return sum(1 for t in self.threads[1:] if t.status < Status.DONE)
+
+    def schedule(self) -> list[Feed]:
+        """The spans to feed in the next forward pass (empty when the request is finished)."""
+        feeds: list[Feed] = []
+        blocks = [t for t in self.threads[1:] if t.status < Status.DONE and t.pending()]
+        main = self.main
+        join = main.status == Status.WAITING and all(
+            t.status == Status.DONE or (t.status == Status.FINISHING and t in blocks) for t in self.threads[1:])
+        want = sum(t.pending() for t in blocks)
+        if main.status == Status.RUNNING or join:
+            want += main.pending()
+        want += len(self.open_ids) * len(main.pending_forks)
+        if not self._fits(want, blocks, main if main.status == Status.RUNNING or join else None):
+            return []
+        for t in blocks:
+            feeds.append(self._feed(t))
+        if join:
+            joined = self.layout.join()
+            self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in joined])
+            feeds.append(self._feed(main))
+            self.layout.after_join(joined)
+            main.status = Status.RUNNING
+        elif main.status == Status.RUNNING and main.pending():
+            feeds.append(self._feed(main))
+        for promise in main.pending_forks:
+            tid = self.layout.fork(promise.tokens)
+            t = self._new_thread(tid, "async")
+            t.promise = promise
+            t.budget = len(self.open_ids) + min(
+                self.limits.async_cap, int(self.limits.async_factor * promise.tokens) + self.close_len)
+            t.start_clock = self.clock
+            t.tokens = list(self.open_ids)
+            t.num_generated = len(self.open_ids)
+            for i in self.open_ids:
+                t.detok.add(i)  # context for the chunk's first token; the tag itself is not parsed
+            t.script = list(self.scripts[tid]) if self.scripts and tid < len(self.scripts) else (
+                [] if self.scripts else None)
+            main.forks[self._last_promise_index(main)] = tid
+            feeds.append(self._feed(t))
+        main.pending_forks.clear()
+        return feeds
+
+    def _fits(self, want: int, blocks: list[Thread], main: Thread | None) -> bool:
+        """Check the context and position limits before writing `want` more slots; end the request if not."""
+        lim = self.limits
+        over = lim.max_context is not None and self.num_slots + want > lim.max_context
+        if lim.max_positions is not None:
+            ends = [self.layout.next_position(t.id) + t.pending() - 1 for t in blocks]
+            if main is not None:
+                ends.append(self.layout.next_position(0) + main.pending() - 1)
+            over = over or any(e >= lim.max_positions for e in ends)
+        if over and want:
+            self._end_all("context")
+            return False
+        return True
+
+    def _feed(self, t: Thread) -> Feed:
+        ids = t.tokens[t.num_fed :]
+        span = self.layout.append(t.id, len(ids))
+        self.num_slots += len(ids)
+        return Feed(t.id, ids, span)
+
+    @staticmethod
+    def _last_promise_index(main: Thread) -> int:
+        for i in range(len(main.events) - 1, -1, -1):
+            if isinstance(main.events[i], Promise) and i not in main.forks:
+                return i
+        raise RuntimeError("fork without a promise event")  # unreachable: forks come from promise events
+
+    # -- after the forward pass ----------------------------------------------------------------------------------
+
+    def fed(self, feeds: list[Feed]) -> list[int]:
+        """Mark the feeds as in the cache; return the ids of threads that now want a next token."""
+        want = []
+        for f in feeds:
+            t = self.threads[f.thread]
+            t.num_fed += len(f.ids)
+            if t.status == Status.FINISHING and not t.pending():
+                self._done(t)
+            elif t.status == Status.RUNNING and not t.pending():
+                want.append(t.id)
+        return want
+
+    def scripted(self, tid: int) -> int | None:
+        """Forced replay: the next token of the thread's script (a stop id once it runs out), or None."""
+        t = self.threads[tid]
+        if t.script is None:
+            return None
+        n = t.num_chosen
+        return t.script[n] if n < len(t.script) else next(iter(self.stop_ids), -1)
+
+    def write(self, tid: int, token: int) -> None:
+        """Thread `tid` chose `token`: record it and act on the text it completes."""
+        t = self.threads[tid]
+        if t.status != Status.RUNNING:  # ended by a limit earlier in this step
+            return
+        if token in self.stop_ids or token < 0:
+            t.finish = "script" if t.script is not None else "eos"
+            self._done(t)
+            return
+        t.tokens.append(token)
+        t.num_generated += 1
+        t.num_chosen += 1
+        if t.is_main:
+            self.clock += 1
+        for ev in t.parser.feed(t.detok.add(token)):
+            self._on_event(t, ev)
+        if not t.is_main and t.status == Status.RUNNING and t.num_generated >= t.budget:
+            t.status, t.finish = Status.FINISHING, "budget"
+            self._hit(f"async_budget(thread {t.id})")
+        if self.num_generated() >= self.limits.max_new_tokens:
+            self._hit("max_new_tokens")
+            self._end_all("max_new_tokens")
+
+    def _on_event(self, t: Thread, ev) -> None:
+        t.events.append(ev)
+        if not t.is_main:
+            if isinstance(ev, AsyncClose):
+                t.closed = True
+                t.status, t.finish = Status.FINISHING, "close"
+            return
+        if isinstance(ev, Promise) and not t.parser.in_block:
+            if not self.sequential and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
+                t.pending_forks.append(ev)
+            else:
+                if not self.sequential:
+                    self._hit("max_threads")
+                t.parser.expect_block()  # decode this block inline, in main
+                t.tokens.extend(self.open_ids)
+                t.num_generated += len(self.open_ids)
+                self.clock += len(self.open_ids)
+                for i in self.open_ids:
+                    for e in t.parser.feed(t.detok.add(i)):
+                        t.events.append(e)
+        elif isinstance(ev, Sync):
+            t.status = Status.WAITING
+
+    def _done(self, t: Thread) -> None:
+        t.status = Status.DONE
+        for e in t.parser.close():
+            t.events.append(e)
+        if t.is_main:
+            self.critical = max(self.critical, self.clock)
+        else:
+            self.critical = max(self.critical, self._end_clock(t))
+
+    def _end_clock(self, t: Thread) -> int:
+        return t.start_clock + t.num_generated
+
+    def _end_all(self, reason: str) -> None:
+        for t in self.threads:
+            if t.status < Status.DONE:
+                t.finish = t.finish or reason
+                t.tokens = t.tokens[: t.num_fed]
+                self._done(t)
+        if reason == "context":
+            self._hit("context")
+
+    def _hit(self, what: str) -> None:
+        if what not in self.limits_hit:
+            self.limits_hit.append(what)
+
+    # -- results -----------------------------------------------------------------------------------------------
+
+    def num_generated(self) -> int:
+        return sum(t.num_generated for t in self.threads)
+
+    def raw(self) -> str:
+        """The serialized inline form: each forked block written right after its promise."""
+        return self._compose(raw=True, complete=False)
+
+    def rendered(self, complete: bool = False) -> str:
+        """The answer in reading order; with complete=False only what can be shown now (for streaming)."""
+        return self._compose(raw=False, complete=complete)
+
+    def _compose(self, raw: bool, complete: bool) -> str:
+        out = []
+        main = self.main
+        for i, ev in enumerate(main.events):
+            if raw or isinstance(ev, Text):
+                out.append(ev.raw)
+            tid = main.forks.get(i)
+            if tid is None:
+                continue
+            b = self.threads[tid]
+            if raw:
+                out.append(ASYNC_OPEN + "".join(e.raw for e in b.events) + ("" if b.closed else ASYNC_CLOSE))
+            else:
+                out.append(b.text())
+                if b.status < Status.DONE and not complete:
+                    break
+        return "".join(out)
+
+    def tag_tokens(self) -> int:
+        """Tokens spent on tags: each tag event at its own token length (forced <async> included)."""
+        enc = self.tokenizer.encode
+        n = 0
+        for t in self.threads:
+            n += sum(len(enc(e.raw, add_special_tokens=False)) for e in t.events if not isinstance(e, Text))
+            if not t.is_main:
+                n += len(self.open_ids)
+        return n
+
+    def theoretical_speedup(self) -> float:
+        """All generated tokens / tokens on the critical path."""
+        total = self.num_generated()
+        return total / self.critical if self.critical else 1.0

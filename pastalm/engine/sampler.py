@@ -1,0 +1,24 @@
+"""Next-token choice for one thread: greedy, or temperature + top-p with the thread's own generator."""
+
+from __future__ import annotations
+
+import torch
+
+
+def thread_generator(seed: int, thread: int) -> torch.Generator:
+    """A generator per thread, so each thread's samples depend only on the seed and its own history."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + thread * 7_919) % (2**63 - 1))
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Pick a token from one row of logits (V,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

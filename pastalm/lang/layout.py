@@ -1,0 +1,206 @@
+"""Positions, visibility and labels: the rules of DESIGN.md section 2, shared by training and inference.
+
+A request is a prompt plus a main thread (thread 0; the prompt is its first tokens) and async threads
+1..k in promise order. Visibility is kept as *views*: a view is a list with one count per thread, and a token
+sees token i of thread t iff i < view[t]; a token always sees its own thread up to and including itself.
+Every view is a prefix of each thread, which is what makes this representation exact:
+- async j sees main up to the last token of promise j, and every block main had joined by then, in full;
+- main sees block j in full from the token that completes a `<sync/>` written after promise j.
+
+`Layout` is incremental: the engine calls `append`, `fork` and `join` as it decodes, and `layout_segments`
+replays an annotated answer through the same object to get the training/reference layout. Pure Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT, Segment
+
+IGNORE = -100  # label for tokens that are not trained to be predicted
+
+
+@dataclass(frozen=True)
+class ReservePolicy:
+    """Positions left for an async block after its promise: R = ceil(scale * N) + overhead; scale 0 means R = 0.
+
+    overhead is the token length of `<async>` plus `</async>` in the model's tokenizer."""
+
+    scale: float = 1.0
+    overhead: int = 0
+
+    def __post_init__(self):
+        if self.scale < 0 or not math.isfinite(self.scale):
+            raise ValueError(f"reserve scale must be a finite number >= 0, got {self.scale}")
+        if self.overhead < 0:
+            raise ValueError(f"reserve overhead must be >= 0, got {self.overhead}")
+
+    def reserve(self, tokens: int) -> int:
+        """R for a promise of `tokens` tokens."""
+        if self.scale == 0:
+            return 0
+        return math.ceil(self.scale * tokens) + self.overhead
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of consecutive tokens of one thread added together: their positions and the view they share."""
+
+    thread: int
+    start: int  # index of the first token within its thread
+    positions: list[int]
+    view: tuple[int, ...]  # visible prefix length of every thread (own entry unused)
+
+
+@dataclass
+class _Thread:
+    view: list[int]
+    next_pos: int
+    count: int = 0
+    last_pos: int = -1
+    joined: bool = False
+
+
+class Layout:
+    """Incremental layout of one request: positions and views for every token as threads write them."""
+
+    def __init__(self, policy: ReservePolicy = ReservePolicy()):
+        self.policy = policy
+        self.threads: list[_Thread] = [_Thread(view=[0], next_pos=0)]
+
+    @property
+    def num_threads(self) -> int:
+        return len(self.threads)
+
+    def count(self, thread: int) -> int:
+        """Tokens written so far by a thread."""
+        return self.threads[thread].count
+
+    def next_position(self, thread: int) -> int:
+        """Position the thread's next token will get."""
+        return self.threads[thread].next_pos
+
+    def append(self, thread: int, n: int) -> Span:
+        """Add n tokens to a thread; return their span."""
+        t = self.threads[thread]
+        span = Span(thread, t.count, list(range(t.next_pos, t.next_pos + n)), tuple(t.view))
+        t.count += n
+        t.next_pos += n
+        if n:
+            t.last_pos = t.next_pos - 1
+        t.view[thread] = t.count
+        return span
+
+    def fork(self, promised_tokens: int) -> int:
+        """Start an async thread right after main's last token (the end of a promise); return its id."""
+        main = self.threads[0]
+        j = len(self.threads)
+        for t in self.threads:
+            t.view.append(0)
+        view = list(main.view)  # what main sees now, including its own tokens so far
+        view[j] = 0
+        start = main.last_pos + 1
+        self.threads.append(_Thread(view=view, next_pos=start))
+        main.next_pos += self.policy.reserve(promised_tokens)
+        return j
+
+    def join(self) -> list[int]:
+        """Sync: main sees every forked block in full from its next token on; returns the ids joined now."""
+        main = self.threads[0]
+        joined = []
+        for j, t in enumerate(self.threads[1:], start=1):
+            if not t.joined:
+                t.joined = True
+                main.view[j] = t.count
+                joined.append(j)
+        return joined
+
+    def after_join(self, joined: list[int]) -> None:
+        """Main's token completing the sync has been added: continue past every joined block."""
+        main = self.threads[0]
+        for j in joined:
+            main.next_pos = max(main.next_pos, self.threads[j].last_pos + 1)
+
+
+@dataclass
+class SequenceLayout:
+    """Layout of a whole serialized sequence (prompt + annotated answer), token by token in serialized order."""
+
+    input_ids: list[int]
+    thread: list[int] = field(default_factory=list)  # thread of each token
+    index: list[int] = field(default_factory=list)  # index of each token within its thread
+    positions: list[int] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)  # in serialized order; concatenated they cover every token
+    labels: list[int] = field(default_factory=list)
+
+
+def layout_segments(
+    prompt_ids: list[int],
+    segs: list[tuple[Segment, list[int]]],
+    policy: ReservePolicy = ReservePolicy(),
+    eos_id: int | None = None,
+) -> SequenceLayout:
+    """Layout of a prompt plus an annotated answer given as (segment, its token ids), tokenized segment by segment.
+
+    Labels: each token predicts the next token of its own thread; the forced `<async>` tokens are never targets
+    (so a promise's last token predicts main's next token after the block); a thread's last token predicts
+    nothing, except main's, which predicts `eos_id` when given."""
+    lay = Layout(policy)
+    out = SequenceLayout(input_ids=[])
+    forced: list[bool] = []
+
+    def add(thread: int, ids: list[int], is_forced: bool = False) -> None:
+        if not ids:
+            return
+        span = lay.append(thread, len(ids))
+        out.spans.append(span)
+        out.input_ids.extend(ids)
+        out.thread.extend([thread] * len(ids))
+        out.index.extend(range(span.start, span.start + len(ids)))
+        out.positions.extend(span.positions)
+        forced.extend([is_forced] * len(ids))
+
+    add(0, list(prompt_ids))
+    current = 0
+    for seg, ids in segs:
+        if seg.kind == TEXT:
+            add(0, ids)
+        elif seg.kind == PROMISE:
+            add(0, ids)
+            current = lay.fork(seg.tokens)
+        elif seg.kind == OPEN:
+            add(current, ids, is_forced=True)
+        elif seg.kind in (CHUNK, CLOSE):
+            add(current, ids)
+            if seg.kind == CLOSE:
+                current = 0
+        elif seg.kind == SYNC_KIND:
+            add(0, ids[:-1])
+            joined = lay.join()
+            add(0, ids[-1:])
+            lay.after_join(joined)
+        else:
+            raise ValueError(f"unknown segment kind {seg.kind!r}")
+
+    # Labels: the next token of the same thread, unless it is forced.
+    n = len(out.input_ids)
+    out.labels = [IGNORE] * n
+    last_of: dict[int, int] = {}
+    for i in range(n):
+        t = out.thread[i]
+        if t in last_of:
+            out.labels[last_of[t]] = IGNORE if forced[i] else out.input_ids[i]
+        last_of[t] = i
+    if eos_id is not None and 0 in last_of and last_of[0] >= len(prompt_ids):
+        out.labels[last_of[0]] = eos_id
+    for i in range(len(prompt_ids) - 1):
+        out.labels[i] = IGNORE
+    return out
+
+
+def tokenize_segments(tokenizer, annotated: str) -> list[tuple[Segment, list[int]]]:
+    """Tokenize an annotated answer segment by segment (never across a tag boundary)."""
+    from .render import segments
+
+    return [(s, list(tokenizer.encode(s.text, add_special_tokens=False))) for s in segments(annotated)]

@@ -1,0 +1,183 @@
+"""Streaming PASTA-LANG parser: text arrives in arbitrary pieces, events come out.
+
+The parser never raises on input and never loses a character: every character fed in comes out in exactly
+one event's `raw`, in order. What cannot be (or can no longer become) a complete tag in the current
+context is text. Text that might still be the start of a tag is held back until it is decided.
+
+Contexts (roles):
+- "serialized": the canonical inline form. Main recognizes promises and `<sync/>`; `<async>` directly after a
+  promise opens that promise's block; inside a block only `</async>` is a tag.
+- "main": a main thread as the engine decodes it: promises and `<sync/>` only (blocks are separate threads).
+  `expect_block()` lets the next `<async>` open an inline block (the engine's fallback past its thread limit).
+- "async": an async thread after its forced `<async>`: only `</async>` is a tag; after it everything is text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tags import ASYNC_CLOSE, ASYNC_OPEN, MAX_PROMISE_CHARS, PROMISE_HEAD, SYNC, parse_promise
+
+
+@dataclass(frozen=True)
+class Text:
+    raw: str
+
+    @property
+    def text(self) -> str:
+        return self.raw
+
+
+@dataclass(frozen=True)
+class Promise:
+    topic: str
+    tokens: int
+    raw: str
+
+
+@dataclass(frozen=True)
+class AsyncOpen:
+    raw: str = ASYNC_OPEN
+
+
+@dataclass(frozen=True)
+class AsyncClose:
+    raw: str = ASYNC_CLOSE
+
+
+@dataclass(frozen=True)
+class Sync:
+    raw: str = SYNC
+
+
+Event = Text | Promise | AsyncOpen | AsyncClose | Sync
+
+# Parser states.
+MAIN, AFTER_PROMISE, IN_BLOCK, CLOSED = range(4)
+_COMPLETE, _PARTIAL, _NONE = range(3)
+ROLES = ("serialized", "main", "async")
+
+
+class StreamParser:
+    """Incremental parser: `feed(text)` and `close()` return the events decided so far."""
+
+    def __init__(self, role: str = "serialized"):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.state = IN_BLOCK if role == "async" else MAIN
+        self._held = ""  # text that may still become a tag; always starts with "<"
+
+    @property
+    def in_block(self) -> bool:
+        """True while inside an `<async>` block (its text is chunk text)."""
+        return self.state == IN_BLOCK
+
+    def expect_block(self) -> None:
+        """Let the next `<async>` open an inline block (main role, after a promise that was not forked)."""
+        if self.state == MAIN:
+            self.state = AFTER_PROMISE
+
+    def feed(self, text: str) -> list[Event]:
+        """Consume a piece of text; return the events it completes."""
+        buf, self._held = self._held + text, ""
+        out: list[Event] = []
+        i, n = 0, len(buf)
+        while i < n:
+            j = buf.find("<", i)
+            if j < 0:
+                self._text(out, buf[i:])
+                break
+            if j > i:
+                self._text(out, buf[i:j])
+            status, length, event = self._match(buf, j)
+            if status == _COMPLETE:
+                self._event(out, event)
+                i = j + length
+            elif status == _PARTIAL:
+                self._held = buf[j:]
+                break
+            else:
+                self._text(out, "<")
+                i = j + 1
+        return out
+
+    def close(self) -> list[Event]:
+        """End of input: whatever is held back is text."""
+        out: list[Event] = []
+        if self._held:
+            self._text(out, self._held)
+            self._held = ""
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _text(self, out: list[Event], s: str) -> None:
+        if self.state == AFTER_PROMISE:
+            self.state = MAIN
+        if out and isinstance(out[-1], Text):
+            out[-1] = Text(out[-1].raw + s)
+        else:
+            out.append(Text(s))
+
+    def _event(self, out: list[Event], ev: Event) -> None:
+        if isinstance(ev, Promise):
+            self.state = AFTER_PROMISE if self.role == "serialized" else MAIN
+        elif isinstance(ev, AsyncOpen):
+            self.state = IN_BLOCK
+        elif isinstance(ev, AsyncClose):
+            self.state = CLOSED if self.role == "async" else MAIN
+        elif self.state == AFTER_PROMISE:
+            self.state = MAIN
+        out.append(ev)
+
+    def _fixed_tags(self) -> tuple[tuple[str, type], ...]:
+        if self.state == IN_BLOCK:
+            return ((ASYNC_CLOSE, AsyncClose),)
+        if self.state == CLOSED:
+            return ()
+        if self.state == AFTER_PROMISE:
+            return ((SYNC, Sync), (ASYNC_OPEN, AsyncOpen))
+        return ((SYNC, Sync),)
+
+    def _match(self, buf: str, j: int) -> tuple[int, int, Event | None]:
+        """Classify buf[j:] (which starts with '<') as a complete tag, a possible prefix of one, or neither."""
+        s = buf[j : j + MAX_PROMISE_CHARS + 1]
+        partial = False
+        for tag, cls in self._fixed_tags():
+            if s.startswith(tag):
+                return _COMPLETE, len(tag), cls()
+            if tag.startswith(s):
+                partial = True
+        if self.state in (MAIN, AFTER_PROMISE):
+            status, length, ev = _match_promise(s)
+            if status != _NONE:
+                return status, length, ev
+        return (_PARTIAL, 0, None) if partial else (_NONE, 0, None)
+
+
+def _match_promise(s: str) -> tuple[int, int, Event | None]:
+    head = PROMISE_HEAD
+    if len(s) <= len(head):
+        return (_PARTIAL, 0, None) if head.startswith(s) else (_NONE, 0, None)
+    if not s.startswith(head) or not (s[len(head)].isspace() or s[len(head)] == "/"):
+        return _NONE, 0, None
+    end = s.find(">", len(head))
+    lt = s.find("<", 1)
+    if end < 0:
+        if lt >= 0 or len(s) > MAX_PROMISE_CHARS:
+            return _NONE, 0, None
+        return _PARTIAL, 0, None
+    if 0 <= lt < end:
+        return _NONE, 0, None
+    tag = s[: end + 1]
+    parsed = parse_promise(tag)
+    if parsed is None:
+        return _NONE, 0, None
+    return _COMPLETE, len(tag), Promise(parsed[0], parsed[1], tag)
+
+
+def parse(text: str, role: str = "serialized") -> list[Event]:
+    """Parse a whole string at once."""
+    p = StreamParser(role)
+    return p.feed(text) + p.close()

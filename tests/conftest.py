@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny random Llama / Qwen2 models and an in-memory tokenizer (no downloads)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from pastalm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)

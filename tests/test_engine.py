@@ -1,0 +1,184 @@
+"""The exact engine against references: a full forward with the layout's mask, and HF `generate`."""
+
+import pytest
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.engine.reference import layout_forward
+from pastalm.lang import ReservePolicy, layout_segments, tokenize_segments
+from pastalm.models import chat_prompt
+
+P = '<promise topic="{}" tokens="{}"/>'
+
+ANSWERS = {
+    "one_promise": "Tips:\n" + P.format("a", 6) + "<async>1. Keep a fixed schedule.</async><sync/> Done.",
+    "three_then_sync": "Three ways.\n"
+    + P.format("schedule", 8) + "<async>1. Keep a schedule.</async>\n"
+    + P.format("screens", 5) + "<async>2. Avoid screens.</async>\n"
+    + P.format("caffeine", 7) + "<async>3. Cut caffeine after noon.</async>\n<sync/>Together they help.",
+    "text_between": "Intro. " + P.format("a", 4) + "<async>apples are red</async> and then "
+    + P.format("b", 9) + "<async>oranges are orange</async> so<sync/> end.",
+    "promise_sync_promise": "First " + P.format("x", 5) + "<async>the moon is bright</async><sync/> then "
+    + P.format("y", 5) + "<async>the night is long</async><sync/> fin.",
+    "no_final_sync": "Go: " + P.format("p", 8) + "<async>first, second</async> and "
+    + P.format("q", 30) + "<async>third step</async> trailing main text",
+}
+
+
+def reference_logits(model, tokenizer, prompt_ids, answer, policy):
+    seq = layout_segments(prompt_ids, tokenize_segments(tokenizer, answer), policy)
+    return seq, layout_forward(model, seq)
+
+
+def engine_for(model, tokenizer):
+    return Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+
+
+@pytest.mark.parametrize("scale", [0, 1, 10])
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+def test_forced_replay_matches_full_forward(model, tokenizer, name, scale):
+    """Decoding thread by thread gives the logits of one full forward over the serialized sequence."""
+    answer = ANSWERS[name]
+    prompt = chat_prompt(tokenizer, "Give me some tips.")
+    eng = engine_for(model, tokenizer)
+    res = eng.generate(prompt, GenerateConfig(reserve_scale=scale, record_logits=True), force=answer)
+    assert res.raw == answer
+    assert res.threads == answer.count("<promise")
+    seq, ref = reference_logits(model, tokenizer, prompt, answer, ReservePolicy(scale, eng.tag_overhead))
+    where = {(t, i): k for k, (t, i) in enumerate(zip(seq.thread, seq.index))}
+    compared = 0
+    for (tid, idx), row in res.logits.items():
+        if (tid, idx) in where:  # main's last token (before EOS) is in both; nothing else is missing
+            torch.testing.assert_close(row, ref[where[(tid, idx)]], atol=2e-5, rtol=1e-4)
+            compared += 1
+    # every token of the answer whose logits the engine used was compared (plus the prompt's last one)
+    assert compared == len(res.logits) >= len(seq.input_ids) - len(prompt) - 3 * res.threads
+
+
+def test_layout_positions_scale1_are_plain(tokenizer):
+    """With scale 1 and exact token counts the serialized positions are 0..L-1 (plain causal training)."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    chunk = "1. Keep a schedule."
+    answer = "Tips " + P.format("a", len(enc(chunk))) + "<async>" + chunk + "</async><sync/> ok"
+    overhead = len(enc("<async>")) + len(enc("</async>"))
+    seq = layout_segments([5, 6, 7], tokenize_segments(tokenizer, answer), ReservePolicy(1, overhead))
+    assert seq.positions == list(range(len(seq.input_ids)))
+
+
+def test_greedy_without_tags_equals_hf_generate(model, tokenizer):
+    """With no tags, greedy async and sequential decoding equal HF generate token for token."""
+    prompt = chat_prompt(tokenizer, "Name a color.")
+    n = 40
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ref = ref[0, len(prompt):].tolist()
+    if ref and ref[-1] == tokenizer.eos_token_id:
+        ref = ref[:-1]
+    eng = engine_for(model, tokenizer)
+    for sequential in (False, True):
+        res = eng.generate(prompt, GenerateConfig(max_new_tokens=n, sequential=sequential))
+        assert res.threads == 0
+        assert res.token_ids[0] == ref
+
+
+def test_thread_does_not_see_what_it_must_not(model, tokenizer):
+    """Changing block 2's text changes neither block 1's logits nor main's before the sync."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    head = "Intro " + P.format("a", 6) + "<async>keep a fixed schedule</async> mid " + P.format("b", 6)
+    a = head + "<async>avoid screens</async> more main text<sync/> end"
+    b = head + "<async>compare apples and oranges at noon</async> more main text<sync/> end"
+    eng = engine_for(model, tokenizer)
+    cfg = GenerateConfig(record_logits=True)
+    la = eng.generate(prompt, cfg, force=a).logits
+    lb = eng.generate(prompt, cfg, force=b).logits
+    block1 = [k for k in la if k[0] == 1]
+    assert block1 and all(torch.equal(la[k], lb[k]) for k in block1)
+    n_main_before_sync = len(tokenizer.encode(a.split("<sync/>")[0].replace("<async>avoid screens</async>", "")
+                                              .split("<async>")[0] + "", add_special_tokens=False))
+    main_before = [k for k in la if k[0] == 0 and len(prompt) <= k[1] < len(prompt) + n_main_before_sync - 2]
+    assert len(main_before) > 5
+    for k in main_before:
+        torch.testing.assert_close(la[k], lb[k], atol=1e-6, rtol=1e-6)
+    # ... but main after the sync does see block 2
+    after = max(k[1] for k in la if k[0] == 0)
+    assert not torch.allclose(la[(0, after)], lb[(0, after)])
+
+
+def test_async_budget_ends_thread_and_keeps_text(model, tokenizer):
+    """A block over its budget ends cleanly, is reported, and its text is kept; main goes on."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    chunk = "keep a fixed schedule and avoid screens and cut caffeine"
+    answer = "Intro " + P.format("a", 2) + "<async>" + chunk + "</async><sync/> end"
+    eng = engine_for(model, tokenizer)
+    res = eng.generate(prompt, GenerateConfig(async_factor=1.0, async_cap=4), force=answer)
+    assert "async_budget(thread 1)" in res.limits_hit
+    assert res.finish[1] == "budget"
+    written = tokenizer.decode(res.token_ids[1][len(tokenizer.encode("<async>", add_special_tokens=False)):])
+    assert written and chunk.startswith(written)
+    assert res.text == "Intro " + written + " end"
+    assert res.raw.endswith("<async>" + written + "</async><sync/> end")
+
+
+def test_max_new_tokens_and_max_threads(model, tokenizer):
+    """max_new_tokens ends every thread with text kept; promises past max_threads are decoded inline."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    answer = ANSWERS["three_then_sync"]
+    eng = engine_for(model, tokenizer)
+    res = eng.generate(prompt, GenerateConfig(max_new_tokens=25), force=answer)
+    assert "max_new_tokens" in res.limits_hit
+    n_open = len(tokenizer.encode("<async>", add_special_tokens=False))
+    assert sum(len(t) for t in res.token_ids) - n_open * res.threads == 25
+    assert answer.startswith(res.raw.split("<async>")[0])
+    full = eng.generate(prompt, GenerateConfig(), force=answer)
+    res = eng.generate(prompt, GenerateConfig(max_threads=0), force=answer)
+    assert res.threads == 0 and "max_threads" in res.limits_hit
+    assert res.raw == answer and res.text == full.text
+    # two promises back to back: the second finds the first block still live
+    answer = P.format("a", 20) + "<async>compare apples and oranges at noon</async>" + P.format("b", 5) + \
+        "<async>red</async><sync/> end"
+    res = eng.generate(prompt, GenerateConfig(max_threads=1), force=answer)
+    assert res.threads == 1 and "max_threads" in res.limits_hit and res.raw == answer
+
+
+def test_context_limit_ends_cleanly(model, tokenizer):
+    """Running out of context ends the request, reports it, and keeps what was written."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    eng = engine_for(model, tokenizer)
+    res = eng.generate(prompt, GenerateConfig(max_context=len(prompt) + 12), force=ANSWERS["three_then_sync"])
+    assert res.limits_hit == ["context"]
+    assert ANSWERS["three_then_sync"].startswith(res.raw[: len("Three ways.")])
+    assert sum(len(t) for t in res.token_ids) <= 12 + 1  # the last token written never took a slot
+
+
+def test_sampling_is_reproducible(model, tokenizer):
+    """The same seed gives the same answer; another seed gives another one."""
+    prompt = chat_prompt(tokenizer, "Write something.")
+    eng = engine_for(model, tokenizer)
+    cfg = dict(max_new_tokens=30, temperature=1.0, top_p=0.9)
+    a = eng.generate(prompt, GenerateConfig(seed=1, **cfg))
+    b = eng.generate(prompt, GenerateConfig(seed=1, **cfg))
+    c = eng.generate(prompt, GenerateConfig(seed=2, **cfg))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_forced_sequential_gives_same_answer(model, tokenizer):
+    """Sequential replay of an annotated answer writes the same text in one thread."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    eng = engine_for(model, tokenizer)
+    answer = ANSWERS["three_then_sync"]
+    seq = eng.generate(prompt, GenerateConfig(sequential=True), force=answer)
+    par = eng.generate(prompt, GenerateConfig(), force=answer)
+    assert seq.raw == par.raw == answer and seq.text == par.text
+    assert seq.threads == 0 and par.threads == 3
+    assert par.decode_steps < seq.decode_steps
+    assert par.theoretical_speedup > 1.0 == seq.theoretical_speedup
+
+
+def test_streaming_is_in_reading_order(model, tokenizer):
+    """Streamed pieces concatenate to the rendered answer."""
+    prompt = chat_prompt(tokenizer, "Tips please.")
+    pieces = []
+    res = engine_for(model, tokenizer).generate(prompt, GenerateConfig(), force=ANSWERS["text_between"],
+                                                on_text=pieces.append)
+    assert "".join(pieces) == res.text and len(pieces) > 3

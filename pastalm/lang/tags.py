@@ -30,7 +30,7 @@ def parse_promise(tag: str) -> tuple[str, int] | None:
         return None
     attrs = dict(_ATTR_RE.findall(m.group(1)))
     tokens = attrs.get("tokens", "")
-    if not tokens.isdigit() or int(tokens) <= 0:
+    if not (tokens.isascii() and tokens.isdigit()) or int(tokens) <= 0:
         return None
     return attrs.get("topic", ""), int(tokens)
 

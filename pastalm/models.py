@@ -87,8 +87,6 @@ def load(model: str | None = None, dtype: str = "bf16") -> Loaded:
     where, gguf, name = resolve(model)
     kw = {"gguf_file": gguf} if gguf else {}
     hf_logging.disable_progress_bar()
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter draws its own bar
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         # A GGUF file is dequantized to float32 first; the cast to the asked dtype comes after.
@@ -97,10 +95,6 @@ def load(model: str | None = None, dtype: str = "bf16") -> Loaded:
         raise ModelError(f"--model: could not load '{model or name}': {e}") from e
     finally:
         hf_logging.enable_progress_bar()
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     lm.to(td)
     lm.eval()
     return Loaded(lm, tok, name, dtype)

@@ -1,0 +1,60 @@
+"""Slow tests on the real bundled model (SmolLM2-135M-Instruct from its GGUF file): `pytest -m slow`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.engine.reference import layout_forward
+from pastalm.lang import ReservePolicy, layout_segments, tokenize_segments
+from pastalm.models import chat_prompt, load
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Give three tips to sleep better."
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load(None, "fp32")
+
+
+def test_cli_greedy_sequential_equals_hf_generate(bundled):
+    """`pasta generate --sequential` (greedy) writes what HF generate writes for the same prompt."""
+    n = 48
+    out = subprocess.run(
+        [sys.executable, "-m", "pastalm.cli", "generate", PROMPT, "--sequential", "--json", "--dtype", "fp32",
+         "--max-new-tokens", str(n)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    tok, model = bundled.tokenizer, bundled.model
+    ids = chat_prompt(tok, PROMPT)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    assert got["text"] == tok.decode(ref, skip_special_tokens=True)
+    assert got["mode"] == "sequential" and got["threads"] == 0 and got["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("scale", [0, 1, 10])
+def test_forced_three_chunks_match_full_forward(bundled, scale):
+    """Forced replay of a 3-chunk answer on the real model equals the full forward with the layout's mask."""
+    tok, model = bundled.tokenizer, bundled.model
+    answer = ("Here are three tips.\n"
+              '<promise topic="schedule" tokens="12"/><async>1. Keep a fixed sleep schedule, even on weekends.</async>\n'
+              '<promise topic="screens" tokens="10"/><async>2. Avoid screens for an hour before bed.</async>\n'
+              '<promise topic="caffeine" tokens="8"/><async>3. Cut caffeine after noon.</async>\n'
+              "<sync/>Together these habits help you fall asleep.")
+    prompt = chat_prompt(tok, PROMPT)
+    eng = Engine(model, tok, "bundled")
+    res = eng.generate(prompt, GenerateConfig(reserve_scale=scale, record_logits=True), force=answer)
+    assert res.raw == answer and res.threads == 3
+    seq = layout_segments(prompt, tokenize_segments(tok, answer), ReservePolicy(scale, eng.tag_overhead))
+    ref = layout_forward(model, seq)
+    where = {(t, i): k for k, (t, i) in enumerate(zip(seq.thread, seq.index))}
+    for key, row in res.logits.items():
+        if key in where:
+            torch.testing.assert_close(row, ref[where[key]], atol=2e-3, rtol=1e-3)

@@ -16,6 +16,11 @@ from .interpreter import Feed
 from .mask import additive_mask, span_views, visibility
 
 
+def cache_kwarg(model) -> str:
+    """Name of the forward's KV-cache argument: newer transformers call it `cache`, older `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFRunner:
     """The KV cache of one request and the forward over it; returns the last logits of each feed."""
 
@@ -25,9 +30,7 @@ class HFRunner:
         self.cache = DynamicCache(config=model.config)
         self.slot_thread = torch.empty(0, dtype=torch.long)  # (T,) thread of each cache slot
         self.slot_index = torch.empty(0, dtype=torch.long)  # (T,) index of the slot's token in its thread
-        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both generations of the API.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
 
     @torch.inference_mode()
     def forward(self, feeds: list[Feed], num_threads: int) -> torch.Tensor:

@@ -134,7 +134,8 @@ class Engine:
         while not interp.finished:
             feeds = interp.schedule()
             if not feeds:
-                break  # a limit ended the request
+                interp.stop("stalled")  # a limit ended the request (then this is a no-op), or nothing can move
+                break
             logits = runner.forward(feeds, interp.layout.num_threads)  # (len(feeds), V)
             steps += 1
             rows = {f.thread: (i, f.span.start + len(f.ids) - 1) for i, f in enumerate(feeds)}

@@ -301,6 +301,12 @@ class Interpreter:
     def _end_clock(self, t: Thread) -> int:
         return t.start_clock + t.num_generated
 
+    def stop(self, reason: str) -> None:
+        """End every thread that is still going (reported in limits_hit); text written so far is kept."""
+        if not self.finished:
+            self._hit(reason)
+            self._end_all(reason)
+
     def _end_all(self, reason: str) -> None:
         for t in self.threads:
             if t.status < Status.DONE:

@@ -93,9 +93,9 @@ def test_thread_does_not_see_what_it_must_not(model, tokenizer):
     lb = eng.generate(prompt, cfg, force=b).logits
     block1 = [k for k in la if k[0] == 1]
     assert block1 and all(torch.equal(la[k], lb[k]) for k in block1)
-    n_main_before_sync = len(tokenizer.encode(a.split("<sync/>")[0].replace("<async>avoid screens</async>", "")
-                                              .split("<async>")[0] + "", add_special_tokens=False))
-    main_before = [k for k in la if k[0] == 0 and len(prompt) <= k[1] < len(prompt) + n_main_before_sync - 2]
+    main_segs = [ids for seg, ids in tokenize_segments(tokenizer, a) if seg.kind in ("text", "promise", "sync")]
+    n_before_sync = sum(len(ids) for ids in main_segs[:-2])  # main's tokens before its <sync/>
+    main_before = [k for k in la if k[0] == 0 and len(prompt) <= k[1] < len(prompt) + n_before_sync]
     assert len(main_before) > 5
     for k in main_before:
         torch.testing.assert_close(la[k], lb[k], atol=1e-6, rtol=1e-6)

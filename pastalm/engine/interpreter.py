@@ -121,6 +121,7 @@ class Interpreter:
         self.num_slots = 0
         self.clock = 0  # critical-path length of main so far, in written tokens
         self.critical = 0  # longest finished path so far
+        self.threads: list[Thread] = []
         main = self._new_thread(0, "main")
         main.tokens = list(prompt_ids)
         main.script = list(scripts[0]) if scripts else None
@@ -129,7 +130,7 @@ class Interpreter:
 
     def _new_thread(self, tid: int, role: str) -> Thread:
         t = Thread(tid, StreamParser(role), Detokenizer(self.tokenizer))
-        self.threads = getattr(self, "threads", []) + [t]
+        self.threads.append(t)
         return t
 
     @property

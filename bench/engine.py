@@ -59,8 +59,9 @@ def annotated(tok, k: int) -> str:
     """An answer with k independent chunks, each promise carrying its chunk's real token count."""
     parts = ["Here are some tips that help.\n"]
     for i, c in enumerate(CHUNKS[:k]):
-        n = len(tok.encode(c, add_special_tokens=False))
-        parts.append(promise_tag(f"tip {i + 1}", n) + f"<async>{i + 1}. {c}</async>\n")
+        chunk = f"{i + 1}. {c}"
+        n = len(tok.encode(chunk, add_special_tokens=False))
+        parts.append(promise_tag(f"tip {i + 1}", n) + f"<async>{chunk}</async>\n")
     parts.append("<sync/>Together these habits make a good night's sleep much more likely.")
     return "".join(parts)
 

@@ -38,6 +38,17 @@ def _nonneg_float(v: str) -> float:
     return x
 
 
+def _probability(v: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        x = float(v)
+    except ValueError:
+        x = -1.0
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pasta", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve-scale", type=_nonneg_float, default=1.0,
                    help="positions reserved per block: ceil(scale * tokens) + tag overhead; 0 reserves none")
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=_probability, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     return p
 
@@ -143,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "generate":
-            if not 0 < args.top_p <= 1:
-                raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
             return generate(args)
     except (ModelError, ValueError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)

@@ -60,7 +60,7 @@ def resolve(model: str | None) -> tuple[str, str | None, str]:
             raise ModelError(f"--model: folder '{model}' has no config.json; give a folder saved with "
                              "save_pretrained, a .gguf file, or leave it out for the bundled model")
         return str(p), None, p.name
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1  # hub ids are "name" or "org/name"
     if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(model):
         raise ModelError(f"--model: no such folder '{model}'; give a HF model folder, a .gguf file, "
                          "or leave it out for the bundled model"

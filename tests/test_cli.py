@@ -20,7 +20,6 @@ def folder(tmp_path_factory):
     (["generate", ""], "the prompt is empty"),
     (["generate"], "no prompt"),
     (["generate", "hi", "--model", "/no/such/folder"], "no such folder"),
-    (["generate", "hi", "--top-p", "0"], "--top-p"),
 ])
 def test_bad_input_exits_with_one_clear_line(argv, message, capsys):
     """Bad input exits non-zero with one line that names the problem."""
@@ -29,11 +28,17 @@ def test_bad_input_exits_with_one_clear_line(argv, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
-def test_negative_limit_is_rejected(capsys):
-    """A negative limit is refused by the argument parser."""
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "-3"], "--max-new-tokens: expected a positive integer"),
+    (["--max-threads", "-1"], "--max-threads: expected an integer >= 0"),
+    (["--top-p", "0"], "--top-p: expected a number in (0, 1]"),
+    (["--reserve-scale", "nan"], "--reserve-scale: expected a finite number >= 0"),
+])
+def test_bad_flag_is_rejected(argv, message, capsys):
+    """A negative limit or an out-of-range setting is refused by the argument parser, naming the flag."""
     with pytest.raises(SystemExit) as e:
-        main(["generate", "hi", "--max-new-tokens", "-3"])
-    assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+        main(["generate", "hi", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_json_and_prompts_file(folder, tmp_path, capsys):

@@ -9,7 +9,6 @@ import torch
 
 from ..lang.layout import ReservePolicy, tokenize_segments
 from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
-from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
 from .interpreter import Interpreter, Limits
 from .runner import HFRunner
 from .sampler import sample, thread_generator
@@ -21,8 +20,8 @@ class GenerateConfig:
 
     Args:
         max_new_tokens: tokens all threads may choose together (tags included; the forced <async> is free).
-        async_factor: an async block may write async_factor * its promised tokens (plus its closing tag).
-        async_cap: hard cap on the tokens of one async block.
+        async_factor: an async block's chunk may take async_factor * its promised tokens (plus its two tags).
+        async_cap: hard cap on the tokens of one chunk.
         max_threads: live async threads; a promise past it is decoded inline by main.
         max_context: cache slots per request; None takes the model's max_position_embeddings.
         reserve_scale: positions reserved per block, R = ceil(scale * tokens) + tag overhead; 0 reserves none.
@@ -114,19 +113,16 @@ class Engine:
         self.name = name
         self.stop_ids = set(stop_ids) if stop_ids is not None else default_stop_ids(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        enc = tokenizer.encode
-        self.tag_overhead = len(enc(ASYNC_OPEN, add_special_tokens=False)) + len(
-            enc(ASYNC_CLOSE, add_special_tokens=False))
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None) -> Result:
         """Answer one prompt (token ids, chat template applied). `force` replays an annotated answer instead of
         choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final."""
         t0 = time.perf_counter()
-        policy = ReservePolicy(config.reserve_scale, self.tag_overhead)
+        policy = ReservePolicy.for_tokenizer(self.tokenizer, config.reserve_scale)
         scripts = scripts_for(self.tokenizer, force, config.sequential) if force is not None else None
-        interp = Interpreter(self.tokenizer, list(prompt_ids), self.stop_ids, config.limits(self.max_positions),
-                             policy, config.sequential, scripts)
+        interp = Interpreter(self.tokenizer, list(prompt_ids), self.stop_ids, policy,
+                             config.limits(self.max_positions), config.sequential, scripts)
         runner = HFRunner(self.model)
         generators: dict[int, torch.Generator] = {}
         logits_log: dict | None = {} if config.record_logits else None

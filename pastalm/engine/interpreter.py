@@ -1,8 +1,8 @@
 """The PASTA-LANG interpreter: a per-request state machine over threads, tags and limits. No tensors here.
 
 Each step the engine asks `schedule()` for the tokens to feed (one span per thread, with positions and views
-from the shared `Layout`), runs one forward pass, and hands back one next token per thread that wants one
-(`wants_token`). The interpreter detokenizes and parses each thread's text and acts on what it finds:
+from the shared `Layout`), runs one forward pass, marks the feeds as `fed` (which says which threads want a
+token) and hands each of those threads its next token (`write`). The interpreter detokenizes and parses each thread's text and acts on what it finds:
 fork on a completed promise, pause main on a completed `<sync/>` until its blocks are done, end a block on
 `</async>`, on its budget or on EOS, and finish when main is done and every block is done.
 
@@ -17,6 +17,8 @@ from enum import IntEnum
 from ..lang.layout import Layout, ReservePolicy, Span
 from ..lang.parser import AsyncClose, Promise, StreamParser, Sync, Text
 from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
+
+STOP = -1  # what `scripted` returns once a thread's script is used up: the thread ends as on EOS
 from .detok import Detokenizer
 
 
@@ -34,8 +36,8 @@ class Limits:
     """Budgets of one request. `None` means no limit of that kind."""
 
     max_new_tokens: int = 512  # tokens chosen by all threads together (forced <async> tags not counted)
-    async_factor: float = 2.0  # a block may write factor * promised tokens (+ its closing tag) ...
-    async_cap: int = 512  # ... but never more than this
+    async_factor: float = 2.0  # a block's chunk may take factor * promised tokens (+ its two tags) ...
+    async_cap: int = 512  # ... but never more than this (+ its two tags)
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
     max_context: int | None = None  # cache slots (prompt + every written token)
     max_positions: int | None = None  # rotary positions the model supports
@@ -62,23 +64,27 @@ class Thread:
     parser: StreamParser
     detok: Detokenizer
     tokens: list[int] = field(default_factory=list)  # every token written (prompt and forced ones included)
+    num_prompt: int = 0  # main: how many of `tokens` are the prompt
     num_fed: int = 0  # tokens already in the cache
-    num_generated: int = 0  # tokens written after the prompt (forced ones included)
     num_chosen: int = 0  # tokens chosen by the model (or its script), forced ones excluded
     status: Status = Status.RUNNING
     events: list = field(default_factory=list)  # parser events, in order
     forks: dict[int, int] = field(default_factory=dict)  # main: event index of a promise -> its thread id
-    promise: Promise | None = None  # async: the promise it keeps
-    budget: int | None = None  # async: max tokens it may write
+    budget: int = 0  # async: max tokens it may write, its tags included
     closed: bool = False  # async: wrote </async>
     finish: str = ""  # why it ended: "eos", "close", "budget", "max_new_tokens", "context", "script"
     start_clock: int = 0  # critical-path clock when it started
     script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
-    pending_forks: list[tuple[Promise, int]] = field(default_factory=list)  # (promise, its ordinal)
+    pending_forks: list[tuple[int, int, int]] = field(default_factory=list)  # (event index, tokens, ordinal)
 
     @property
     def is_main(self) -> bool:
         return self.id == 0
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens written after the prompt, forced ones included."""
+        return len(self.tokens) - self.num_prompt
 
     def pending(self) -> int:
         return len(self.tokens) - self.num_fed
@@ -100,22 +106,18 @@ class Feed:
 class Interpreter:
     """State of one request: threads, layout, limits and the measures of the result."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop_ids: set[int], limits: Limits = Limits(),
-                 policy: ReservePolicy | None = None, sequential: bool = False,
-                 scripts: list[list[int]] | None = None):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop_ids: set[int], policy: ReservePolicy,
+                 limits: Limits = Limits(), sequential: bool = False, scripts: list[list[int]] | None = None):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.limits = limits
         self.open_ids = list(tokenizer.encode(ASYNC_OPEN, add_special_tokens=False))
-        close_len = len(tokenizer.encode(ASYNC_CLOSE, add_special_tokens=False))
-        self.policy = policy or ReservePolicy(1.0, len(self.open_ids) + close_len)
-        self.close_len = close_len
-        self.layout = Layout(self.policy)
+        self.tag_overhead = policy.overhead  # tokens of <async> + </async>
+        self.layout = Layout(policy)
         self.sequential = sequential
         self.scripts = scripts
-        self.num_prompt = len(prompt_ids)
         self.limits_hit: list[str] = []
         self.num_promises = 0
         self.num_slots = 0
@@ -124,6 +126,7 @@ class Interpreter:
         self.threads: list[Thread] = []
         main = self._new_thread(0, "main")
         main.tokens = list(prompt_ids)
+        main.num_prompt = len(prompt_ids)
         main.script = list(scripts[0]) if scripts else None
 
     # -- scheduling ---------------------------------------------------------------------------------------------
@@ -167,19 +170,16 @@ class Interpreter:
             main.status = Status.RUNNING
         elif main.status == Status.RUNNING and main.pending():
             feeds.append(self._feed(main))
-        for promise, ordinal in main.pending_forks:
-            tid = self.layout.fork(promise.tokens)
+        for event_index, promised, ordinal in main.pending_forks:
+            tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
-            t.promise = promise
-            t.budget = len(self.open_ids) + min(
-                self.limits.async_cap, int(self.limits.async_factor * promise.tokens) + self.close_len)
+            t.budget = min(self.limits.async_cap, int(self.limits.async_factor * promised)) + self.tag_overhead
             t.start_clock = self.clock
             t.tokens = list(self.open_ids)
-            t.num_generated = len(self.open_ids)
             for i in self.open_ids:
                 t.detok.add(i)  # context for the chunk's first token; the tag itself is not parsed
             t.script = self._block_script(ordinal)
-            main.forks[self._last_promise_index(main)] = tid
+            main.forks[event_index] = tid
             feeds.append(self._feed(t))
         main.pending_forks.clear()
         return feeds
@@ -194,7 +194,7 @@ class Interpreter:
                 ends.append(self.layout.next_position(0) + main.pending() - 1)
             over = over or any(e >= lim.max_positions for e in ends)
         if over and want:
-            self._end_all("context")
+            self.stop("context")
             return False
         return True
 
@@ -209,13 +209,6 @@ class Interpreter:
         if self.scripts is None:
             return None
         return list(self.scripts[ordinal + 1]) if ordinal + 1 < len(self.scripts) else []
-
-    @staticmethod
-    def _last_promise_index(main: Thread) -> int:
-        for i in range(len(main.events) - 1, -1, -1):
-            if isinstance(main.events[i], Promise) and i not in main.forks:
-                return i
-        raise RuntimeError("fork without a promise event")  # unreachable: forks come from promise events
 
     # -- after the forward pass ----------------------------------------------------------------------------------
 
@@ -236,20 +229,18 @@ class Interpreter:
         t = self.threads[tid]
         if t.script is None:
             return None
-        n = t.num_chosen
-        return t.script[n] if n < len(t.script) else next(iter(self.stop_ids), -1)
+        return t.script[t.num_chosen] if t.num_chosen < len(t.script) else STOP
 
     def write(self, tid: int, token: int) -> None:
         """Thread `tid` chose `token`: record it and act on the text it completes."""
         t = self.threads[tid]
         if t.status != Status.RUNNING:  # ended by a limit earlier in this step
             return
-        if token in self.stop_ids or token < 0:
-            t.finish = "script" if t.script is not None else "eos"
+        if token == STOP or token in self.stop_ids:
+            t.finish = "script" if token == STOP else "eos"
             self._done(t)
             return
         t.tokens.append(token)
-        t.num_generated += 1
         t.num_chosen += 1
         if t.is_main:
             self.clock += 1
@@ -259,11 +250,10 @@ class Interpreter:
             t.status, t.finish = Status.FINISHING, "budget"
             self._hit(f"async_budget(thread {t.id})")
         if self.num_chosen() >= self.limits.max_new_tokens:
-            self._hit("max_new_tokens")
-            self._end_all("max_new_tokens")
+            self.stop("max_new_tokens")
 
     def _on_event(self, t: Thread, ev) -> None:
-        t.events.append(ev)
+        t.events.append(ev)  # its index in main.events is what a fork is filed under
         if not t.is_main:
             if isinstance(ev, AsyncClose):
                 t.closed = True
@@ -273,7 +263,7 @@ class Interpreter:
             ordinal = self.num_promises
             self.num_promises += 1
             if not self.sequential and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
-                t.pending_forks.append((ev, ordinal))
+                t.pending_forks.append((len(t.events) - 1, ev.tokens, ordinal))
             else:
                 if not self.sequential:
                     self._hit("max_threads")
@@ -282,11 +272,9 @@ class Interpreter:
                         t.script[t.num_chosen : t.num_chosen] = script
                 t.parser.expect_block()  # decode this block inline, in main
                 t.tokens.extend(self.open_ids)
-                t.num_generated += len(self.open_ids)
                 self.clock += len(self.open_ids)
                 for i in self.open_ids:
-                    for e in t.parser.feed(t.detok.add(i)):
-                        t.events.append(e)
+                    t.events.extend(t.parser.feed(t.detok.add(i)))
         elif isinstance(ev, Sync):
             t.status = Status.WAITING
 
@@ -303,18 +291,14 @@ class Interpreter:
         return t.start_clock + t.num_generated
 
     def stop(self, reason: str) -> None:
-        """End every thread that is still going (reported in limits_hit); text written so far is kept."""
-        if not self.finished:
-            self._hit(reason)
-            self._end_all(reason)
-
-    def _end_all(self, reason: str) -> None:
+        """End every thread that is still going, report `reason` in limits_hit; text written so far is kept."""
+        if self.finished:
+            return
+        self._hit(reason)
         for t in self.threads:
             if t.status < Status.DONE:
                 t.finish = t.finish or reason
                 self._done(t)
-        if reason == "context":
-            self._hit("context")
 
     def _hit(self, what: str) -> None:
         if what not in self.limits_hit:

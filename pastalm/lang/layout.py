@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT, Segment
+from .render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT, Segment, segments
+from .tags import ASYNC_CLOSE, ASYNC_OPEN
 
 IGNORE = -100  # label for tokens that are not trained to be predicted
 
@@ -35,6 +36,12 @@ class ReservePolicy:
             raise ValueError(f"reserve scale must be a finite number >= 0, got {self.scale}")
         if self.overhead < 0:
             raise ValueError(f"reserve overhead must be >= 0, got {self.overhead}")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, scale: float = 1.0) -> "ReservePolicy":
+        """The policy with the overhead of `<async>` + `</async>` in this tokenizer."""
+        n = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in (ASYNC_OPEN, ASYNC_CLOSE))
+        return cls(scale, n)
 
     def reserve(self, tokens: int) -> int:
         """R for a promise of `tokens` tokens."""
@@ -72,10 +79,6 @@ class Layout:
     @property
     def num_threads(self) -> int:
         return len(self.threads)
-
-    def count(self, thread: int) -> int:
-        """Tokens written so far by a thread."""
-        return self.threads[thread].count
 
     def next_position(self, thread: int) -> int:
         """Position the thread's next token will get."""
@@ -201,6 +204,4 @@ def layout_segments(
 
 def tokenize_segments(tokenizer, annotated: str) -> list[tuple[Segment, list[int]]]:
     """Tokenize an annotated answer segment by segment (never across a tag boundary)."""
-    from .render import segments
-
     return [(s, list(tokenizer.encode(s.text, add_special_tokens=False))) for s in segments(annotated)]

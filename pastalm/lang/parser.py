@@ -23,10 +23,6 @@ from .tags import ASYNC_CLOSE, ASYNC_OPEN, MAX_PROMISE_CHARS, PROMISE_HEAD, SYNC
 class Text:
     raw: str
 
-    @property
-    def text(self) -> str:
-        return self.raw
-
 
 @dataclass(frozen=True)
 class Promise:

@@ -1,4 +1,10 @@
-"""`pasta`: the command line. `pasta generate PROMPT` answers with asynchronous decoding on the bundled model."""
+"""`pasta`: the command line.
+
+  pasta generate PROMPT      answer with asynchronous decoding (bundled SmolLM2 + its PASTA adapter by default)
+  pasta answers              the base model's greedy answers to a prompt set, cached as JSONL (resumable)
+  pasta annotate             annotate answers in PASTA-LANG (structural or teacher), validate, count rejects
+  pasta train sft            fine-tune on annotated answers (LoRA by default), or the sequential baseline
+"""
 
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", type=Path, help="answer many prompts: JSONL with a 'prompt' field, or one per line")
     g.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute dtype")
+    g.add_argument("--adapter", default="auto",
+                   help="LoRA adapter: 'auto' (the shipped PASTA adapter on the bundled model, none on others), "
+                        "'pasta', 'baseline', 'none', or a folder from `pasta train sft`")
     g.add_argument("--system", help="system message for the chat template")
     g.add_argument("--sequential", action="store_true", help="turn async decoding off (the baseline)")
     g.add_argument("--force", type=Path, help="replay the annotated answer in this file instead of sampling")
@@ -74,7 +83,107 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=_probability, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    _train_parsers(sub)
     return p
+
+
+def _train_parsers(sub) -> None:
+    a = sub.add_parser("answers", help="the base model's greedy answers to a prompt set (batched, resumable)")
+    a.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
+    a.add_argument("--output", type=Path, required=True, help="JSONL to append answers to (rerun to resume)")
+    a.add_argument("--model", help="HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    a.add_argument("--adapter", default="none", help="adapter to apply first (default: none, the base model)")
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    a.add_argument("--batch-size", type=_positive_int, default=16)
+    a.add_argument("--max-new-tokens", type=_positive_int, default=320)
+    a.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="greedy decoding with this penalty (1.0 = plain greedy; small models loop without one)")
+    a.add_argument("--limit", type=_positive_int, help="only the first N prompts")
+    a.add_argument("--system", help="system message for the chat template")
+
+    n = sub.add_parser("annotate", help="annotate answers in PASTA-LANG and keep only exact annotations")
+    n.add_argument("input", type=Path, help="JSONL with 'prompt' and 'answer' (from `pasta answers`)")
+    n.add_argument("--output", type=Path, required=True, help="JSONL of kept records with 'annotated'")
+    n.add_argument("--annotator", default="structural", choices=["structural", "teacher"])
+    n.add_argument("--teacher-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    n.add_argument("--teacher-model", help="model name at the teacher endpoint")
+    n.add_argument("--teacher-key-env", default="PASTA_TEACHER_API_KEY", help="env var holding the API key")
+    n.add_argument("--model", help="model whose tokenizer counts chunk tokens (default: bundled SmolLM2)")
+    n.add_argument("--bucket", type=_nonneg_int, default=10, help="round token counts up to this (0/1: exact)")
+    n.add_argument("--limit", type=_positive_int)
+
+    t = sub.add_parser("train", help="fine-tune a model")
+    tsub = t.add_subparsers(dest="stage", required=True)
+    s = tsub.add_parser("sft", help="stage 1: supervised fine-tuning with the layout's mask, positions, labels")
+    s.add_argument("data", type=Path, help="JSONL with 'prompt' and 'annotated' (from `pasta annotate`)")
+    s.add_argument("--output", type=Path, required=True, help="folder for the adapter, checkpoints and config")
+    s.add_argument("--sequential", action="store_true",
+                   help="train the sequential baseline: the same answers with their tags removed")
+    s.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    s.add_argument("--model", help="base model (default: bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                   help="base weights dtype (LoRA weights stay fp32; use fp32 with --full)")
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    s.add_argument("--batch-size", type=_positive_int, default=4)
+    s.add_argument("--grad-accum", type=_positive_int, default=2)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--lora-r", type=_positive_int, default=16)
+    s.add_argument("--max-length", type=_positive_int, default=640)
+    s.add_argument("--reserve-scale", type=_nonneg_float, default=1.0)
+    s.add_argument("--save-steps", type=_positive_int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit", type=_positive_int, help="only the first N examples")
+    s.add_argument("--system", help="system message for the chat template")
+
+
+def answers(args) -> int:
+    from .models import load
+    from .train.answers import generate_answers
+    from .train.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts, args.limit)
+    loaded = load(args.model, args.dtype, args.adapter)
+    res = generate_answers(loaded.model, loaded.tokenizer, prompts, args.output, args.batch_size,
+                           args.max_new_tokens, args.system, args.repetition_penalty)
+    print(json.dumps(res))
+    return 0
+
+
+def annotate(args) -> int:
+    from .models import load_tokenizer
+    from .train.annotate import StructuralAnnotator, annotate_records
+    from .train.io import read_jsonl, write_jsonl
+
+    rows = read_jsonl(args.input, required={"prompt": str, "answer": str})[: args.limit]
+    if args.annotator == "teacher":
+        if not args.teacher_url or not args.teacher_model:
+            raise ValueError("--annotator teacher needs --teacher-url and --teacher-model")
+        from .train.teacher import TeacherAnnotator
+
+        annotator = TeacherAnnotator(args.teacher_url, args.teacher_model, api_key_env=args.teacher_key_env)
+    else:
+        annotator = StructuralAnnotator()
+    kept, counts = annotate_records(rows, annotator, load_tokenizer(args.model), args.bucket)
+    write_jsonl(args.output, kept)
+    summary = {"input": len(rows), "kept": len(kept), **dict(sorted(counts.items()))}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def train(args) -> int:
+    from .models import load
+    from .train.sft import SFTConfig, train_sft
+
+    cfg = SFTConfig(data=str(args.data), output=str(args.output), sequential=args.sequential, full=args.full,
+                    epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                    max_length=args.max_length, reserve_scale=args.reserve_scale, save_steps=args.save_steps,
+                    seed=args.seed, limit=args.limit, system=args.system)
+    loaded = load(args.model, args.dtype, "none")
+    summary = train_sft(loaded.model, loaded.tokenizer, cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=1))
+    return 0
 
 
 def read_prompts(args) -> list[str]:
@@ -123,7 +232,7 @@ def generate(args) -> int:
         max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
         max_threads=args.max_threads, max_context=args.max_context, reserve_scale=args.reserve_scale,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=args.sequential)
-    loaded = load(args.model, args.dtype)
+    loaded = load(args.model, args.dtype, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
     for prompt in prompts:
         ids = chat_prompt(loaded.tokenizer, prompt, args.system)
@@ -153,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
 
     try:
-        if args.command == "generate":
-            return generate(args)
-    except (ModelError, ValueError) as e:
+        return {"generate": generate, "answers": answers, "annotate": annotate, "train": train}[args.command](args)
+    except (ModelError, ValueError, RuntimeError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

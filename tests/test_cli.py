@@ -66,3 +66,81 @@ def test_force_raw_and_stream(folder, tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n") == ans.read_text()
     assert main(common + ["--stream"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == "Tips: keep a schedule done"
+
+
+# --- training commands and adapters ------------------------------------------------------------------------
+LIST = ("Tips:\n\n1. **Sleep early**: go to bed at the same time every night, weekends included.\n\n"
+        "2. **No screens**: put the phone away an hour before bed, the light keeps you awake.\n")
+
+
+def test_annotate_command_writes_checked_records_and_counts(folder, tmp_path, capsys):
+    src = tmp_path / "answers.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Tips?", "answer": LIST}) + "\n"
+                   + json.dumps({"id": "b", "prompt": "2+2?", "answer": "4"}) + "\n")
+    out = tmp_path / "annotated.jsonl"
+    assert main(["annotate", str(src), "--output", str(out), "--model", str(folder)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"input": 2, "kept": 2, "kept-parallel": 1, "kept-serial": 1}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["promises"] == 2 and rows[1]["annotated"] == "4"
+    from pastalm.lang.render import render
+
+    assert render(rows[0]["annotated"]) == LIST
+
+
+def test_malformed_input_file_names_file_and_line(folder, tmp_path, capsys):
+    src = tmp_path / "answers.jsonl"
+    src.write_text(json.dumps({"prompt": "Tips?", "answer": LIST}) + "\n{broken\n")
+    assert main(["annotate", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pasta: error: {src}:2: not valid JSON")
+    src.write_text(json.dumps({"prompt": "Tips?"}) + "\n")
+    assert main(["train", "sft", str(src), "--output", str(tmp_path / "o"), "--model", str(folder)]) == 2
+    assert f"{src}:1: missing field 'annotated'" in capsys.readouterr().err
+
+
+def test_teacher_annotator_needs_url_and_model(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"prompt": "Tips?", "answer": LIST}) + "\n")
+    assert main(["annotate", str(src), "--output", str(tmp_path / "o.jsonl"), "--annotator", "teacher"]) == 2
+    assert "--teacher-url and --teacher-model" in capsys.readouterr().err
+
+
+def test_train_sft_then_generate_with_the_adapter(folder, tmp_path, capsys):
+    """`pasta train sft` on a tiny model folder writes an adapter that `pasta generate --adapter` applies,
+    merged, giving the same logits as the PEFT model itself."""
+    import torch
+    from peft import PeftModel
+
+    from pastalm.models import load
+    from pastalm.train.annotate import StructuralAnnotator, check
+
+    ann = check(StructuralAnnotator().annotate("", LIST), LIST, tiny_tokenizer()).annotated
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tips {i}?", "annotated": ann}) + "\n" for i in range(4)))
+    out = tmp_path / "adapter"
+    assert main(["train", "sft", str(data), "--output", str(out), "--model", str(folder), "--dtype", "fp32",
+                 "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "0.05"]) == 0
+    out_text = capsys.readouterr().out  # the Trainer's log lines come first, the summary last
+    summary = json.loads(out_text[out_text.rfind("\n{\n") + 1:])
+    assert summary["steps"] == 2 and summary["examples"] == 4
+    assert (out / "adapter_config.json").is_file() and (out / "pasta_train.json").is_file()
+
+    merged = load(str(folder), "fp32", str(out)).model
+    ref = PeftModel.from_pretrained(load(str(folder), "fp32", "none").model, str(out)).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids).logits, load(str(folder), "fp32", "none").model(ids).logits)
+    assert main(["generate", "hi", "--model", str(folder), "--adapter", str(out), "--dtype", "fp32",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"].endswith("+adapter")
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ("/no/such/adapter", "is not a PEFT adapter folder"),
+])
+def test_bad_adapter_is_one_clear_line(folder, adapter, message, capsys):
+    assert main(["generate", "hi", "--model", str(folder), "--adapter", adapter]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

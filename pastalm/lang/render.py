@@ -59,6 +59,11 @@ class Report:
     promises: int = 0
     syncs: int = 0
     problems: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # one short code per problem, for counting
+
+    def add(self, reason: str, problem: str) -> None:
+        self.reasons.append(reason)
+        self.problems.append(problem)
 
     @property
     def ok(self) -> bool:
@@ -75,7 +80,7 @@ def validate(annotated: str, original: str | None = None, require_promise: bool 
         if isinstance(e, Promise):
             rep.promises += 1
             if i + 1 >= len(events) or not isinstance(events[i + 1], AsyncOpen):
-                rep.problems.append(f"promise {rep.promises} ({e.topic!r}) is not followed directly by <async>")
+                rep.add("promise-without-block", f"promise {rep.promises} ({e.topic!r}) is not followed directly by <async>")
         elif isinstance(e, AsyncOpen):
             open_block = True
         elif isinstance(e, AsyncClose):
@@ -85,12 +90,12 @@ def validate(annotated: str, original: str | None = None, require_promise: bool 
         elif isinstance(e, Text) and not open_block:
             for frag in ("<promise", "<sync", "<async", "</async"):
                 if frag in e.raw:
-                    rep.problems.append(f"text outside a block contains a malformed tag starting {frag!r}")
+                    rep.add("malformed-tag", f"text outside a block contains a malformed tag starting {frag!r}")
                     break
     if open_block:
-        rep.problems.append("the last <async> block is never closed with </async>")
+        rep.add("unclosed-block", "the last <async> block is never closed with </async>")
     if original is not None and render(annotated) != original:
-        rep.problems.append("render(annotated) differs from the original answer (annotation must be lossless)")
+        rep.add("not-lossless", "render(annotated) differs from the original answer (annotation must be lossless)")
     if require_promise and rep.promises == 0:
-        rep.problems.append("no promise: the annotation claims parallelism but marks none")
+        rep.add("no-promise", "no promise: the annotation claims parallelism but marks none")
     return rep

@@ -1,0 +1,1 @@
+"""Evaluation: speed measures of PASTA decoding against a sequential baseline, reports."""

@@ -1,0 +1,1 @@
+"""Training pipeline: prompt sets, base answers, annotation, SFT data, fine-tuning."""

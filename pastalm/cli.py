@@ -129,11 +129,18 @@ def _train_parsers(sub) -> None:
     s.add_argument("--grad-accum", type=_positive_int, default=2)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--lora-r", type=_positive_int, default=16)
+    s.add_argument("--lora-top", type=_positive_int,
+                   help="LoRA on the top N layers only (default: all); halves a CPU step for half the layers")
     s.add_argument("--max-length", type=_positive_int, default=640)
     s.add_argument("--reserve-scale", type=_nonneg_float, default=1.0)
     s.add_argument("--save-steps", type=_positive_int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--limit", type=_positive_int, help="only the first N examples")
+    s.add_argument("--tag-weight", type=_nonneg_float, default=1.0,
+                   help="loss weight of predicting a tag token (1: plain mean over tokens)")
+    s.add_argument("--init-adapter", help="continue training this adapter folder instead of a new LoRA")
+    s.add_argument("--skip-truncated", action="store_true",
+                   help="leave out answers the base model did not finish (hit its token limit)")
     s.add_argument("--system", help="system message for the chat template")
 
 
@@ -178,8 +185,11 @@ def train(args) -> int:
     cfg = SFTConfig(data=str(args.data), output=str(args.output), sequential=args.sequential, full=args.full,
                     epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                    lora_top=args.lora_top,
                     max_length=args.max_length, reserve_scale=args.reserve_scale, save_steps=args.save_steps,
-                    seed=args.seed, limit=args.limit, system=args.system)
+                    seed=args.seed, limit=args.limit, system=args.system,
+                    skip_truncated=args.skip_truncated, tag_weight=args.tag_weight,
+                    init_adapter=args.init_adapter)
     loaded = load(args.model, args.dtype, "none")
     summary = train_sft(loaded.model, loaded.tokenizer, cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=1))

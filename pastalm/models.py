@@ -122,6 +122,13 @@ def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "n
         raise ModelError(f"--model: could not load '{model or name}': {e}") from e
     finally:
         hf_logging.enable_progress_bar()
+    if gguf:
+        # The GGUF weights are dequantized into plain tensors: nothing is quantized any more, so drop the
+        # markers that would make the Trainer and save_pretrained treat the model as quantized.
+        lm.hf_quantizer = None
+        lm.is_quantized = False
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     where_adapter = resolve_adapter(adapter, model)
     if where_adapter is not None:
         from peft import PeftModel

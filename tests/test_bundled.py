@@ -28,7 +28,7 @@ def test_cli_greedy_sequential_equals_hf_generate(bundled):
     n = 48
     out = subprocess.run(
         [sys.executable, "-m", "pastalm.cli", "generate", PROMPT, "--sequential", "--json", "--dtype", "fp32",
-         "--max-new-tokens", str(n)],
+         "--max-new-tokens", str(n), "--adapter", "none"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -58,3 +58,45 @@ def test_forced_three_chunks_match_full_forward(bundled, scale):
     assert len(res.logits) >= len(seq.input_ids) - len(prompt) - 3 * res.threads
     for key, row in res.logits.items():
         torch.testing.assert_close(row, ref[where[key]], atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load(None, "fp32", "pasta")
+
+
+def test_cli_default_is_the_shipped_pasta_adapter(shipped):
+    """`pasta generate` with no --adapter decodes with the shipped PASTA adapter: sequentially it writes what
+    HF generate writes with the merged adapter."""
+    n = 32
+    out = subprocess.run(
+        [sys.executable, "-m", "pastalm.cli", "generate", PROMPT, "--sequential", "--json", "--dtype", "fp32",
+         "--max-new-tokens", str(n)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["model"].endswith("+smollm2-135m-pasta")
+    tok, model = shipped.tokenizer, shipped.model
+    ids = chat_prompt(tok, PROMPT)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    assert got["raw"] == tok.decode(ref, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("prompt, parallel", [
+    ("Give me five tips for staying productive when working from home.", True),
+    ("List four healthy breakfast ideas and say a little about each.", True),
+    ("What is 17 + 25?", False),
+    ("What is the capital of Norway?", False),
+])
+def test_shipped_adapter_forks_on_lists_and_not_on_facts(shipped, prompt, parallel):
+    """The shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact."""
+    from pastalm.lang.render import render, validate
+
+    eng = Engine(shipped.model, shipped.tokenizer, "pasta")
+    res = eng.generate(chat_prompt(shipped.tokenizer, prompt), GenerateConfig(max_new_tokens=400))
+    rep = validate(res.raw)
+    assert render(res.raw) == res.text
+    if parallel:
+        assert rep.promises >= 2 and res.threads >= 2 and res.theoretical_speedup > 1.3, res.raw
+    else:
+        assert res.threads == 0 and rep.promises == 0, res.raw

@@ -139,12 +139,17 @@ def paragraph_answers(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(list_answers(), paragraph_answers(), st.text(max_size=300)))
+@given(st.one_of(list_answers(), paragraph_answers(), st.text(max_size=300),
+                 st.text(alphabet="<>/ asyncpromise=\"1\n-.", max_size=80)))
 def test_structural_is_lossless_and_valid_property(answer):
     tokenizer = _tok()
     ann = StructuralAnnotator().annotate("q", answer)
     assert render(ann) == answer
     res = check(ann, answer, tokenizer, bucket=10)
+    if any(frag in answer for frag in ("<promise", "<sync", "<async", "</async")):
+        # tag-like text in the answer itself: never trained on (the model would learn to write broken tags)
+        assert res.annotated is None and res.reasons == ["malformed-tag"]
+        return
     assert res.annotated is not None, res.reasons
     assert render(res.annotated) == answer
 
@@ -323,3 +328,34 @@ def test_short_lora_run_lowers_the_loss_and_trains_every_lora_weight(tmp_path, t
     assert saved["config"]["sequential"] == sequential and saved["examples"] == 13
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-12").is_dir()
     assert not before
+
+
+def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
+    from pastalm.lang.render import segments
+    from pastalm.train.data import build_weighted, weighted_loss
+
+    policy = ReservePolicy.for_tokenizer(tokenizer, 1.0)
+    ann = check(StructuralAnnotator().annotate("tips", LIST_ANSWER), LIST_ANSWER, tokenizer).annotated
+    seq, w = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id, tag_weight=3.0)
+    # Every weighted position predicts a tag token of its own thread; every tag token (but <async>) is predicted.
+    tag_ids = set()
+    for s in segments(ann):
+        if s.kind in ("promise", "close", "sync"):
+            tag_ids.update(tokenizer.encode(s.text, add_special_tokens=False))
+    weighted = [i for i, x in enumerate(w) if x == 3.0]
+    assert weighted and all(seq.labels[i] in tag_ids for i in weighted)
+    n_tag = sum(len(tokenizer.encode(s.text, add_special_tokens=False)) for s in segments(ann)
+                if s.kind in ("promise", "close", "sync"))
+    assert len(weighted) == n_tag
+    plain, w1 = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id)
+    assert plain.labels == seq.labels and set(w1) == {1.0}
+    logits = torch.randn(1, len(seq.labels), len(tokenizer))
+    labels = torch.tensor([seq.labels])
+
+    class Out:
+        pass
+
+    o = Out()
+    o.logits = logits
+    torch.testing.assert_close(weighted_loss(logits, labels, torch.ones_like(labels, dtype=torch.float)),
+                               layout_loss(o, labels))

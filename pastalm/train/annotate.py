@@ -116,12 +116,13 @@ class StructuralAnnotator:
             else:
                 groups.append([s])
         out = []
-        for g in groups:
+        for gi, g in enumerate(groups):
             if len(g) < self.min_items:
                 continue
             spans = []
+            stop = groups[gi + 1][0][0] if gi + 1 < len(groups) else len(lines)  # the next list's first item
             for k, (i, _, indent, _) in enumerate(g):
-                end_line = g[k + 1][0] if k + 1 < len(g) else self._item_end(lines, i, indent)
+                end_line = g[k + 1][0] if k + 1 < len(g) else min(self._item_end(lines, i, indent), stop)
                 spans.append((offs[i], offs[end_line]))
             if sum(e - s for s, e in spans) / len(spans) < self.min_chars:
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..lang.layout import IGNORE, ReservePolicy
-from .data import LayoutCollator, LayoutDataset, build_example, layout_loss
+from .data import LayoutCollator, LayoutDataset, build_weighted, layout_loss, weighted_loss
 from .io import DataError, read_jsonl
 
 
@@ -32,6 +32,8 @@ class SFTConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
+    lora_top: int | None = None  # LoRA on the top N transformer layers only (None: all); the backward pass
+    # then stops at the lowest adapted layer, which on a CPU roughly halves a step for N = half the layers
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 4
@@ -45,46 +47,82 @@ class SFTConfig:
     logging_steps: int = 5
     limit: int | None = None
     system: str | None = None
+    skip_truncated: bool = False  # drop answers the base model did not finish (`hit_limit` in the record)
+    tag_weight: float = 1.0  # loss weight of predicting a tag token (see data.build_weighted)
+    init_adapter: str | None = None  # continue training this adapter instead of starting a new one
 
 
-def load_examples(path: str, limit: int | None = None) -> list[dict]:
+def load_examples(path: str, limit: int | None = None, skip_truncated: bool = False) -> list[dict]:
     rows = read_jsonl(path, required={"prompt": str, "annotated": str})
+    if skip_truncated:
+        rows = [r for r in rows if not r.get("hit_limit")]
     return rows[:limit] if limit else rows
 
 
 def build_dataset(tokenizer, rows: list[dict], cfg: SFTConfig, policy: ReservePolicy, eos_id: int):
-    layouts, skipped = [], 0
+    layouts, weights, skipped = [], [], 0
     for i, r in enumerate(rows):
         try:
-            seq = build_example(tokenizer, r["prompt"], r["annotated"], policy, eos_id, cfg.system, cfg.sequential)
+            seq, w = build_weighted(tokenizer, r["prompt"], r["annotated"], policy, eos_id, cfg.system,
+                                    cfg.sequential, cfg.tag_weight)
         except ValueError as e:
             raise DataError(f"{cfg.data}: record {i + 1} ({r.get('id', '?')}): {e}") from e
         if len(seq.input_ids) > cfg.max_length:
             skipped += 1
             continue
         layouts.append(seq)
+        weights.append(w)
     if not layouts:
         raise DataError(f"{cfg.data}: no example fits --max-length {cfg.max_length}")
-    return LayoutDataset(layouts), skipped
+    return LayoutDataset(layouts, weights if cfg.tag_weight != 1.0 else None), skipped
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class LayoutTrainer(Trainer):
+        """The Trainer with per-token loss weights when the collator provides them."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "label_weights" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels, weights = inputs.pop("labels"), inputs.pop("label_weights")
+            outputs = model(**inputs)
+            loss = weighted_loss(outputs.logits, labels, weights)
+            return (loss, outputs) if return_outputs else loss
+
+    return LayoutTrainer
 
 
 def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     """Fine-tune `model` (in place; wrapped with LoRA unless cfg.full) and save the result to cfg.output."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
+
+    _LayoutTrainer = _trainer_class()
 
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale)
     eos_id = tokenizer.eos_token_id
-    rows = load_examples(cfg.data, cfg.limit)
+    rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)
-    if not cfg.full:
+    if cfg.init_adapter and not cfg.full:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    elif not cfg.full:
         from peft import LoraConfig, get_peft_model
 
+        layers = None
+        if cfg.lora_top:
+            n = model.config.num_hidden_layers
+            if not 0 < cfg.lora_top <= n:
+                raise ValueError(f"--lora-top must be in 1..{n} (the model's layers), got {cfg.lora_top}")
+            layers = list(range(n - cfg.lora_top, n))
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
-                                                 task_type="CAUSAL_LM"))
+                                                 layers_to_transform=layers, task_type="CAUSAL_LM"))
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     args = TrainingArguments(
@@ -95,7 +133,7 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
         report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+    trainer = _LayoutTrainer(model=model, args=args, train_dataset=dataset,
                       data_collator=LayoutCollator(pad, next(model.parameters()).dtype),
                       compute_loss_func=layout_loss, callbacks=callbacks)
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter for the bundled model and
     nothing for any other model; 'none' is the base model; 'pasta' / 'baseline' are the shipped ones."""
     if adapter is None or adapter == "auto":
-        if model is not None:
+        if model is not None or not (BUNDLED_ADAPTERS["pasta"] / "adapter_config.json").is_file():
             return None
         adapter = "pasta"
     if adapter == "none":

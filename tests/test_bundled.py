@@ -70,20 +70,22 @@ def shipped():
 
 
 def test_cli_default_is_the_shipped_pasta_adapter(shipped):
-    """`pasta generate` with no --adapter decodes with the shipped PASTA adapter: sequentially it writes what
-    HF generate writes with the merged adapter."""
+    """`pasta generate` with no --adapter decodes with the shipped PASTA adapter: on a prompt it answers without
+    promises, it writes what HF generate writes with the merged adapter. (With promises the two differ by
+    design: the interpreter forces `<async>` after a promise, HF generate does not.)"""
     n = 32
+    fact = "What is the capital of Norway?"
     out = subprocess.run(
-        [sys.executable, "-m", "pastalm.cli", "generate", PROMPT, "--sequential", "--json", "--dtype", "fp32",
+        [sys.executable, "-m", "pastalm.cli", "generate", fact, "--sequential", "--json", "--dtype", "fp32",
          "--max-new-tokens", str(n)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["model"].endswith("+smollm2-135m-pasta")
     tok, model = shipped.tokenizer, shipped.model
-    ids = chat_prompt(tok, PROMPT)
+    ids = chat_prompt(tok, fact)
     ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
-    assert got["raw"] == tok.decode(ref, skip_special_tokens=True)
+    assert got["raw"] == tok.decode(ref, skip_special_tokens=True) and got["threads"] == 0
 
 
 @pytest.mark.parametrize("prompt, parallel", [

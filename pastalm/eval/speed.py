@@ -53,7 +53,9 @@ def compare(pasta: Engine, baseline: Engine, prompts: list[dict], config: Genera
         out.append({
             "id": p.get("id"), "prompt": p["prompt"], "category": p.get("category"), "parallel": p.get("parallel"),
             "pasta": a.to_json(), "baseline": b.to_json(),
-            "forked": a.threads > 0, "valid_promise": rep.ok and rep.promises > 0,
+            # a promise that parsed and forked a thread; `valid_raw`: the whole annotated answer validates
+            # (an answer cut by max_new_tokens inside a tag does not)
+            "forked": a.threads > 0, "valid_promise": rep.promises > 0 and a.threads > 0, "valid_raw": rep.ok,
             "theoretical_speedup": a.theoretical_speedup,
             "wall_speedup": b.wall_s / a.wall_s,
             "throughput_speedup": (a.tokens / a.wall_s) / (b.tokens / b.wall_s) if a.tokens and b.tokens else None,
@@ -71,6 +73,7 @@ def summarize(records: list[dict]) -> dict:
         "prompts": n,
         "with_valid_promise": sum(r["valid_promise"] for r in records) / n,
         "forked": sum(r["forked"] for r in records) / n,
+        "valid_raw": sum(r["valid_raw"] for r in records) / n,
         "mean_async_threads": sum(r["pasta"]["threads"] for r in records) / n,
         "theoretical_speedup_gmean": geomean(r["theoretical_speedup"] for r in records),
         "wall_speedup_gmean": geomean(r["wall_speedup"] for r in records),

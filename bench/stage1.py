@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pastalm.engine import Engine, GenerateConfig  # noqa: E402
-from pastalm.eval.speed import compare, machine, stratified, summarize, timestamp  # noqa: E402
+from pastalm.eval.speed import compare, machine, stratified, summarize, timestamp, validity  # noqa: E402
 from pastalm.models import load  # noqa: E402
 from pastalm.train.prompts import load_prompts  # noqa: E402
 
@@ -98,13 +98,10 @@ def main(argv=None) -> None:
 
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens)
     if args.from_json:
-        from pastalm.lang.render import validate
-
         saved = json.loads(args.from_json.read_text())
         records = saved["records"]
         for r in records:  # recompute the validity measures with the current definitions
-            rep = validate(r["pasta"]["raw"])
-            r["valid_promise"], r["valid_raw"] = rep.promises > 0 and r["pasta"]["threads"] > 0, rep.ok
+            r.update(validity(r["pasta"]["raw"], r["pasta"]["threads"]))
 
         class _N:  # names of the saved run
             name = saved["info"]["model"]

@@ -270,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from .models import ModelError
+    from .train.teacher import TeacherError
 
     try:
         return {"generate": generate, "answers": answers, "annotate": annotate, "train": train}[args.command](args)
-    except (ModelError, ValueError, RuntimeError) as e:
+    except (ModelError, ValueError, TeacherError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

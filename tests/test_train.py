@@ -14,7 +14,7 @@ from pastalm.lang.layout import IGNORE, ReservePolicy
 from pastalm.lang.render import render, validate
 from pastalm.testing import tiny_model
 from pastalm.train.annotate import StructuralAnnotator, annotate_records, bucketed, check
-from pastalm.train.data import LayoutCollator, LayoutDataset, build_example, layout_loss
+from pastalm.train.data import LayoutCollator, build_example, weighted_loss
 from pastalm.train.io import DataError, read_jsonl
 from pastalm.train.prompts import PARALLEL_CATEGORIES, SERIAL_CATEGORIES, load_prompts, prompt_file
 
@@ -167,8 +167,6 @@ def _tok():
 
 @pytest.mark.skipif(not ANSWERS.exists(), reason="shipped base answers not present")
 def test_structural_is_lossless_on_every_shipped_training_answer():
-    from pastalm.models import BUNDLED_NAME  # noqa: F401  (documents which tokenizer made them)
-
     rows = read_jsonl(ANSWERS, required={"prompt": str, "answer": str})
     assert len(rows) >= 1000
     kept, counts = annotate_records(rows, StructuralAnnotator(), _tok(), bucket=10, progress=False)
@@ -267,6 +265,7 @@ def test_padded_batch_loss_equals_the_full_forward_reference(tokenizer, model):
     seqs = _examples(tokenizer, policy)
     batch = LayoutCollator(tokenizer.pad_token_id)([{"layout": s} for s in seqs])
     labels = batch.pop("labels")
+    batch.pop("label_weights", None)
     with torch.no_grad():
         out = model(**batch)
     total, count = 0.0, 0
@@ -278,7 +277,8 @@ def test_padded_batch_loss_equals_the_full_forward_reference(tokenizer, model):
         keep = lab != IGNORE
         total += torch.nn.functional.cross_entropy(ref[keep], lab[keep], reduction="sum").item()
         count += int(keep.sum())
-    torch.testing.assert_close(layout_loss(out, labels).item(), total / count, atol=1e-4, rtol=1e-4)
+    ones = torch.ones_like(labels, dtype=torch.float)
+    torch.testing.assert_close(weighted_loss(out.logits, labels, ones).item(), total / count, atol=1e-4, rtol=1e-4)
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -301,8 +301,7 @@ def test_short_lora_run_lowers_the_loss_and_trains_every_lora_weight(tmp_path, t
     data = _write_sft_data(tmp_path / "sft.jsonl", tokenizer)
     cfg = SFTConfig(data=str(data), output=str(tmp_path / "out"), sequential=sequential, max_steps=24,
                     batch_size=4, grad_accum=1, lr=3e-2, logging_steps=4, save_steps=12, lora_r=4, lora_alpha=8)
-    before = {}
-    from peft import LoraConfig, get_peft_model  # noqa: F401
+    from peft import LoraConfig
 
     summary = train_sft(model, tokenizer, cfg)
     losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
@@ -310,7 +309,6 @@ def test_short_lora_run_lowers_the_loss_and_trains_every_lora_weight(tmp_path, t
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    assert weights and all(k for k in weights)
     # LoRA B starts at zero: every B being non-zero means every adapter pair was trained.
     bs = {k: v for k, v in weights.items() if "lora_B" in k}
     assert len(bs) == 2 * 7 and all(v.abs().sum() > 0 for v in bs.values())
@@ -327,12 +325,11 @@ def test_short_lora_run_lowers_the_loss_and_trains_every_lora_weight(tmp_path, t
     saved = json.loads((tmp_path / "out" / "pasta_train.json").read_text())
     assert saved["config"]["sequential"] == sequential and saved["examples"] == 13
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-12").is_dir()
-    assert not before
 
 
 def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
     from pastalm.lang.render import segments
-    from pastalm.train.data import build_weighted, weighted_loss
+    from pastalm.train.data import build_weighted
 
     policy = ReservePolicy.for_tokenizer(tokenizer, 1.0)
     ann = check(StructuralAnnotator().annotate("tips", LIST_ANSWER), LIST_ANSWER, tokenizer).annotated
@@ -351,11 +348,7 @@ def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
     assert plain.labels == seq.labels and set(w1) == {1.0}
     logits = torch.randn(1, len(seq.labels), len(tokenizer))
     labels = torch.tensor([seq.labels])
-
-    class Out:
-        pass
-
-    o = Out()
-    o.logits = logits
-    torch.testing.assert_close(weighted_loss(logits, labels, torch.ones_like(labels, dtype=torch.float)),
-                               layout_loss(o, labels))
+    keep = labels[0] != IGNORE
+    ce = torch.nn.functional.cross_entropy(logits[0][keep], labels[0][keep], reduction="none")
+    wt = torch.tensor(w)[keep]
+    torch.testing.assert_close(weighted_loss(logits, labels, torch.tensor([w])), (ce * wt).sum() / wt.sum())

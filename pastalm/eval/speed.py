@@ -29,6 +29,13 @@ def geomean(xs) -> float:
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
 
 
+def validity(raw: str, threads: int) -> dict:
+    """`valid_promise`: a promise parsed and forked a thread; `valid_raw`: the whole annotated answer validates
+    (an answer cut by max_new_tokens inside a tag does not)."""
+    rep = validate(raw)
+    return {"valid_promise": rep.promises > 0 and threads > 0, "valid_raw": rep.ok}
+
+
 def machine() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
@@ -49,13 +56,10 @@ def compare(pasta: Engine, baseline: Engine, prompts: list[dict], config: Genera
         for name, eng, cfg in (runs if i % 2 == 0 else runs[::-1]):
             res[name] = eng.generate(ids, cfg)
         a, b = res["pasta"], res["baseline"]
-        rep = validate(a.raw)
         out.append({
             "id": p.get("id"), "prompt": p["prompt"], "category": p.get("category"), "parallel": p.get("parallel"),
             "pasta": a.to_json(), "baseline": b.to_json(),
-            # a promise that parsed and forked a thread; `valid_raw`: the whole annotated answer validates
-            # (an answer cut by max_new_tokens inside a tag does not)
-            "forked": a.threads > 0, "valid_promise": rep.promises > 0 and a.threads > 0, "valid_raw": rep.ok,
+            "forked": a.threads > 0, **validity(a.raw, a.threads),
             "theoretical_speedup": a.theoretical_speedup,
             "wall_speedup": b.wall_s / a.wall_s,
             "throughput_speedup": (a.tokens / a.wall_s) / (b.tokens / b.wall_s) if a.tokens and b.tokens else None,

@@ -50,7 +50,7 @@ def build_weighted(tokenizer, prompt: str, annotated: str, policy: ReservePolicy
 class LayoutDataset(torch.utils.data.Dataset):
     """Precomputed layouts; items are dicts the Trainer can batch (`input_ids` lets it group by length)."""
 
-    def __init__(self, layouts: list[SequenceLayout], weights: list[list[float]] | None = None):
+    def __init__(self, layouts: list[SequenceLayout], weights: list[list[float]]):
         self.layouts = layouts
         self.weights = weights
 
@@ -58,10 +58,7 @@ class LayoutDataset(torch.utils.data.Dataset):
         return len(self.layouts)
 
     def __getitem__(self, i: int) -> dict:
-        item = {"input_ids": self.layouts[i].input_ids, "layout": self.layouts[i]}
-        if self.weights is not None:
-            item["weights"] = self.weights[i]
-        return item
+        return {"input_ids": self.layouts[i].input_ids, "layout": self.layouts[i], "weights": self.weights[i]}
 
 
 @dataclass
@@ -69,7 +66,7 @@ class LayoutCollator:
     """Pads a batch of layouts: input ids, position ids, the (B, 1, L, L) additive mask, and labels.
 
     `labels[i]` is the token that token i is trained to predict (already shifted; it follows the layout's
-    threads, not the serialized order), so the loss is `layout_loss`, not the model's built-in shifted loss.
+    threads, not the serialized order), so the loss is `weighted_loss`, not the model's built-in shifted loss.
     Padded rows attend only to themselves, so no softmax row is empty; their labels are IGNORE."""
 
     pad_id: int
@@ -92,7 +89,7 @@ class LayoutCollator:
             idx = torch.arange(m, n)
             mask[k, 0, idx, idx] = 0
         out = {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "labels": labels}
-        if all("weights" in it for it in items):
+        if "weights" in items[0]:
             w = torch.zeros((b, n), dtype=torch.float32)
             for k, it in enumerate(items):
                 w[k, : len(it["weights"])] = torch.tensor(it["weights"])
@@ -106,12 +103,3 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
                          ignore_index=IGNORE, reduction="none")
     w = weights.reshape(-1).to(ce.device) * (labels.reshape(-1) != IGNORE).to(ce.device)
     return (ce * w).sum() / w.sum().clamp(min=1e-6)
-
-
-def layout_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy of each token's logits against its (already aligned) label; mean over labelled tokens."""
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
-                           ignore_index=IGNORE, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()
-    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..lang.layout import IGNORE, ReservePolicy
-from .data import LayoutCollator, LayoutDataset, build_weighted, layout_loss, weighted_loss
+from transformers import Trainer, TrainingArguments, set_seed
+
+from .data import LayoutCollator, LayoutDataset, build_weighted, weighted_loss
 from .io import DataError, read_jsonl
 
 
@@ -74,32 +76,22 @@ def build_dataset(tokenizer, rows: list[dict], cfg: SFTConfig, policy: ReservePo
         weights.append(w)
     if not layouts:
         raise DataError(f"{cfg.data}: no example fits --max-length {cfg.max_length}")
-    return LayoutDataset(layouts, weights if cfg.tag_weight != 1.0 else None), skipped
+    return LayoutDataset(layouts, weights), skipped
 
 
-def _trainer_class():
-    from transformers import Trainer
+class LayoutTrainer(Trainer):
+    """The Trainer with the layout's loss: labels are already aligned per thread (not shifted), and each token
+    carries a weight (all 1 unless --tag-weight), so the model's built-in shifted loss does not apply."""
 
-    class LayoutTrainer(Trainer):
-        """The Trainer with per-token loss weights when the collator provides them."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "label_weights" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels, weights = inputs.pop("labels"), inputs.pop("label_weights")
-            outputs = model(**inputs)
-            loss = weighted_loss(outputs.logits, labels, weights)
-            return (loss, outputs) if return_outputs else loss
-
-    return LayoutTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, weights = inputs.pop("labels"), inputs.pop("label_weights")
+        outputs = model(**inputs)
+        loss = weighted_loss(outputs.logits, labels, weights)
+        return (loss, outputs) if return_outputs else loss
 
 
 def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     """Fine-tune `model` (in place; wrapped with LoRA unless cfg.full) and save the result to cfg.output."""
-    from transformers import TrainingArguments, set_seed
-
-    _LayoutTrainer = _trainer_class()
-
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +99,9 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     eos_id = tokenizer.eos_token_id
     rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)
-    if cfg.init_adapter and not cfg.full:
+    if cfg.init_adapter and cfg.full:
+        raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
+    if cfg.init_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
@@ -133,9 +127,8 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
         report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", dataloader_num_workers=0,
     )
-    trainer = _LayoutTrainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=LayoutCollator(pad, next(model.parameters()).dtype),
-                      compute_loss_func=layout_loss, callbacks=callbacks)
+    trainer = LayoutTrainer(model=model, args=args, train_dataset=dataset,
+                            data_collator=LayoutCollator(pad, next(model.parameters()).dtype), callbacks=callbacks)
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@
   pasta answers              the base model's greedy answers to a prompt set, cached as JSONL (resumable)
   pasta annotate             annotate answers in PASTA-LANG (structural or teacher), validate, count rejects
   pasta train sft            fine-tune on annotated answers (LoRA by default), or the sequential baseline
+  pasta eval                 sequential vs PASTA vs Skeleton-of-Thought: speed, quality, reports and a plot
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="print the annotated (serialized) form")
     g.add_argument("--stream", action="store_true", help="print the answer as it is decoded, in reading order")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt with text and measures")
+    _decoding_args(g)
+    _train_parsers(sub)
+    _eval_parser(sub)
+    return p
+
+
+def _decoding_args(g) -> None:
     g.add_argument("--max-new-tokens", type=_positive_int, default=512)
     g.add_argument("--max-threads", type=_nonneg_int, default=8, help="live async threads (0: all inline)")
     g.add_argument("--async-factor", type=_nonneg_float, default=2.0,
@@ -83,8 +91,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=_probability, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    _train_parsers(sub)
-    return p
+
+
+def _decoding_config(args, sequential: bool = False):
+    from .engine import GenerateConfig
+
+    return GenerateConfig(
+        max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
+        max_threads=args.max_threads, max_context=args.max_context, reserve_scale=args.reserve_scale,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=sequential)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="compare sequential, PASTA and Skeleton-of-Thought decoding on a prompt set")
+    e.add_argument("--prompts", default="eval", help="'eval', 'train' or a JSONL file with a 'prompt' field")
+    e.add_argument("--modes", default="sequential,pasta,sot", help="comma-separated: sequential, pasta, sot")
+    e.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes)")
+    e.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    e.add_argument("--adapter", default="auto", help="adapter of the pasta mode (as in `pasta generate`)")
+    e.add_argument("--baseline-adapter", default="auto",
+                   help="adapter of the sequential and sot modes: 'auto' (the shipped baseline adapter on the "
+                        "bundled model, none on others), 'baseline', 'none' or a folder")
+    e.add_argument("--system", help="system message for the chat template")
+    e.add_argument("--limit", type=_positive_int, help="only the first N prompts (after --per-category)")
+    e.add_argument("--per-category", type=_positive_int,
+                   help="only the first N prompts of each category, in file order")
+    e.add_argument("--judge", default="proxy", choices=["proxy", "openai", "hf", "none"],
+                   help="quality judge (proxy: offline content/repetition/degeneracy checks, not a preference)")
+    e.add_argument("--judge-url", help="openai judge: API root, e.g. http://127.0.0.1:8000/v1")
+    e.add_argument("--judge-model", help="openai judge: model name; hf judge: model folder or hub id")
+    e.add_argument("--judge-key-env", default="PASTA_JUDGE_API_KEY", help="openai judge: env var holding the key")
+    e.add_argument("--no-efficiency", action="store_true",
+                   help="skip the sequential replay of each forked PASTA answer (engine efficiency)")
+    e.add_argument("--sot-point-tokens", type=_positive_int, default=60, help="SoT: promised tokens per point")
+    e.add_argument("--sot-skeleton-tokens", type=_positive_int, default=120, help="SoT: skeleton token limit")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _decoding_args(e)
 
 
 def _train_parsers(sub) -> None:
@@ -229,7 +272,7 @@ def read_prompts(args) -> list[str]:
 
 
 def generate(args) -> int:
-    from .engine import Engine, GenerateConfig
+    from .engine import Engine
     from .models import chat_prompt, load
 
     prompts = read_prompts(args)
@@ -238,10 +281,7 @@ def generate(args) -> int:
         if not args.force.is_file():
             raise ValueError(f"--force: no such file '{args.force}'")
         force = args.force.read_text()
-    cfg = GenerateConfig(
-        max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
-        max_threads=args.max_threads, max_context=args.max_context, reserve_scale=args.reserve_scale,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=args.sequential)
+    cfg = _decoding_config(args, args.sequential)
     loaded = load(args.model, args.dtype, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
     for prompt in prompts:
@@ -265,6 +305,67 @@ def generate(args) -> int:
     return 0
 
 
+def _judge(args):
+    from .eval.judges import HFJudge, OpenAIJudge, ProxyJudge
+
+    if args.judge == "none":
+        return None
+    if args.judge == "proxy":
+        return ProxyJudge()
+    if args.judge == "openai":
+        if not args.judge_url or not args.judge_model:
+            raise ValueError("--judge openai needs --judge-url (an OpenAI-compatible API root) and --judge-model")
+        return OpenAIJudge(args.judge_url, args.judge_model, args.judge_key_env)
+    from .models import load
+
+    if not args.judge_model:
+        raise ValueError("--judge hf needs --judge-model (a local HF chat model folder or hub id)")
+    j = load(args.judge_model, args.dtype, "none")
+    return HFJudge(j.model, j.tokenizer)
+
+
+def evaluate(args) -> int:
+    from .engine import Engine
+    from .eval.harness import EvalConfig, run_eval
+    from .eval.speed import stratified
+    from .models import load, resolve_adapter
+    from .train.prompts import load_prompts
+
+    cfg = EvalConfig(modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                     generate=_decoding_config(args), system=args.system, efficiency=not args.no_efficiency,
+                     sot_skeleton_tokens=args.sot_skeleton_tokens, sot_point_tokens=args.sot_point_tokens)
+    prompts = stratified(load_prompts(args.prompts), args.per_category)[: args.limit]
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts}: no prompts to evaluate")
+    judge = _judge(args)
+    base_adapter = args.baseline_adapter
+    if base_adapter == "auto":
+        base_adapter = "baseline" if resolve_adapter("auto", args.model) is not None else "none"
+    roles = {"pasta": args.adapter, "base": base_adapter}
+    cache, by_role = {}, {}
+    for role, adapter in roles.items():
+        if role == "pasta" and "pasta" not in cfg.modes:
+            continue
+        key = resolve_adapter(adapter, args.model)
+        if key not in cache:  # the same weights twice are loaded once
+            m = load(args.model, args.dtype, adapter)
+            cache[key] = Engine(m.model, m.tokenizer, m.name)
+        by_role[role] = cache[key]
+    engines = {mode: by_role["pasta" if mode == "pasta" else "base"] for mode in cfg.modes}
+    for mode, eng in engines.items():
+        print(f"{mode}: {eng.name}", file=sys.stderr)
+    summary = run_eval(prompts, engines, cfg, args.out, judge, progress=not args.quiet)
+    per = summary["groups"]["all"]
+    for mode, s in per.items():
+        q = s.get("quality")
+        print(f"{mode:>10}: {s['prompts']} prompts, wall-clock {s.get('wall_speedup_gmean', float('nan')):.2f}x, "
+              f"throughput {s.get('throughput_speedup_gmean', float('nan')):.2f}x, theoretical "
+              f"{s.get('theoretical_speedup_gmean', float('nan')):.2f}x"
+              + (f", quality ({s['judge']}) {q:.3f}" if q is not None else ""), file=sys.stderr)
+    print(json.dumps({"out": str(args.out), "summary": str(Path(args.out) / "summary.json")}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here by default; HF_HUB_OFFLINE=0 opts back in
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -273,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train.teacher import TeacherError
 
     try:
-        return {"generate": generate, "answers": answers, "annotate": annotate, "train": train}[args.command](args)
+        commands = {"generate": generate, "answers": answers, "annotate": annotate, "train": train,
+                    "eval": evaluate}
+        return commands[args.command](args)
     except (ModelError, ValueError, TeacherError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)
         return 2

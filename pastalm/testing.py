@@ -49,3 +49,38 @@ def tiny_model(arch: str = "llama", vocab_size: int = 384, seed: int = 0):
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; use 'llama' or 'qwen2'")
     return model.eval()
+
+
+class local_server:
+    """Serve an ASGI app (e.g. FastAPI) on 127.0.0.1 in a background thread, for tests that speak real HTTP:
+    `with local_server(app) as base_url: ...` (needs uvicorn, in the `test` extra)."""
+
+    def __init__(self, app, timeout: float = 10.0):
+        self.app = app
+        self.timeout = timeout
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the local test server did not start")
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.sock.close()

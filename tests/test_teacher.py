@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
 from pastalm.lang.render import render, validate  # noqa: E402
+from pastalm.testing import local_server  # noqa: E402
 from pastalm.train.teacher import (  # noqa: E402
     ANSWER_BEGIN,
     ANSWER_END,
@@ -91,27 +91,8 @@ def make_app(requests: list[dict]) -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     requests: list[dict] = []
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(make_app(requests), log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fake teacher server did not start")
-        time.sleep(0.01)
-    with socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
-    try:
-        yield f"http://127.0.0.1:{port}/v1", requests
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
+    with local_server(make_app(requests)) as url:
+        yield f"{url}/v1", requests
 
 
 def closed_port() -> int:

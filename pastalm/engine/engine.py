@@ -9,7 +9,7 @@ import torch
 
 from ..lang.layout import ReservePolicy, tokenize_segments
 from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
-from .interpreter import Interpreter, Limits
+from .interpreter import STOP, Interpreter, Limits, Status
 from .runner import HFRunner
 from .sampler import sample, thread_generator
 
@@ -75,6 +75,7 @@ class Result:
     wall_s: float
     limits_hit: list[str]
     finish: list[str] = field(default_factory=list)  # why each thread ended, main first
+    pieces: list[dict] = field(default_factory=list)  # reading order: {"thread", "text", "finish"} per piece
     token_ids: list[list[int]] = field(default_factory=list)  # each thread's written tokens (main without prompt)
     logits: dict | None = field(default=None, repr=False)
 
@@ -115,14 +116,24 @@ class Engine:
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
-                 force: str | None = None, on_text=None) -> Result:
+                 force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,
+                 scaffold: bool = False) -> Result:
         """Answer one prompt (token ids, chat template applied). `force` replays an annotated answer instead of
-        choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final."""
+        choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final.
+
+        `scripts` (instead of `force`): per-thread token scripts, main first (see `scripts_for`), replayed one
+        token per step. With `scaffold`, the scripts are scaffolding instead: main's script is written in one
+        step (all its promises fork together), and a block's script is only a forced prefix after which the block
+        decodes freely. This is how Skeleton-of-Thought expands its points through the same fork machinery."""
         t0 = time.perf_counter()
         policy = ReservePolicy.for_tokenizer(self.tokenizer, config.reserve_scale)
-        scripts = scripts_for(self.tokenizer, force, config.sequential) if force is not None else None
+        if force is not None:
+            if scripts is not None:
+                raise ValueError("give either force or scripts, not both")
+            scripts = scripts_for(self.tokenizer, force, config.sequential)
         interp = Interpreter(self.tokenizer, list(prompt_ids), self.stop_ids, policy,
-                             config.limits(self.max_positions), config.sequential, scripts)
+                             config.limits(self.max_positions), config.sequential, scripts,
+                             open_block_scripts=scaffold)
         runner = HFRunner(self.model)
         generators: dict[int, torch.Generator] = {}
         logits_log: dict | None = {} if config.record_logits else None
@@ -145,6 +156,9 @@ class Engine:
                         generators[tid] = thread_generator(config.seed, tid)
                     token = sample(logits[rows[tid][0]], config.temperature, config.top_p, generators[tid])
                 interp.write(tid, token)
+                if scaffold and tid == 0:  # the rest of main's script goes in at once
+                    while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
+                        interp.write(0, token)
             if on_text is not None:
                 streamed = _stream(interp.rendered(), streamed, on_text)
         if on_text is not None:
@@ -155,7 +169,8 @@ class Engine:
             text=interp.rendered(complete=True),
             raw=interp.raw(),
             model=self.name,
-            mode=("forced-" if force is not None else "") + ("sequential" if config.sequential else "async"),
+            mode=("forced-" if force is not None else "scaffold-" if scaffold else "scripted-" if scripts else "")
+            + ("sequential" if config.sequential else "async"),
             prompt_tokens=len(prompt_ids),
             tokens=generated - tag_tokens,
             tag_tokens=tag_tokens,
@@ -165,6 +180,7 @@ class Engine:
             wall_s=round(time.perf_counter() - t0, 4),
             limits_hit=list(interp.limits_hit),
             finish=[t.finish for t in interp.threads],
+            pieces=interp.pieces(),
             token_ids=[interp.threads[0].tokens[len(prompt_ids):]] + [t.tokens for t in interp.threads[1:]],
             logits=logits_log,
         )

@@ -107,7 +107,8 @@ class Interpreter:
     """State of one request: threads, layout, limits and the measures of the result."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop_ids: set[int], policy: ReservePolicy,
-                 limits: Limits = Limits(), sequential: bool = False, scripts: list[list[int]] | None = None):
+                 limits: Limits = Limits(), sequential: bool = False, scripts: list[list[int]] | None = None,
+                 open_block_scripts: bool = False):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.tokenizer = tokenizer
@@ -118,6 +119,7 @@ class Interpreter:
         self.layout = Layout(policy)
         self.sequential = sequential
         self.scripts = scripts
+        self.open_block_scripts = open_block_scripts  # a block's script is a forced prefix, then it decodes freely
         self.limits_hit: list[str] = []
         self.num_promises = 0
         self.num_slots = 0
@@ -225,11 +227,15 @@ class Interpreter:
         return want
 
     def scripted(self, tid: int) -> int | None:
-        """Forced replay: the next token of the thread's script (a stop id once it runs out), or None."""
+        """Forced replay: the next token of the thread's script (a stop id once it runs out), or None.
+
+        With `open_block_scripts`, a block whose script ran out returns None (it goes on decoding freely)."""
         t = self.threads[tid]
         if t.script is None:
             return None
-        return t.script[t.num_chosen] if t.num_chosen < len(t.script) else STOP
+        if t.num_chosen < len(t.script):
+            return t.script[t.num_chosen]
+        return None if self.open_block_scripts and not t.is_main else STOP
 
     def write(self, tid: int, token: int) -> None:
         """Thread `tid` chose `token`: record it and act on the text it completes."""
@@ -338,6 +344,26 @@ class Interpreter:
                 if b.status < Status.DONE and not complete:
                     break
         return "".join(out)
+
+    def pieces(self) -> list[dict]:
+        """The rendered answer in reading order as pieces of one thread each: main's text between forks and each
+        block's chunk, with the thread id and why that thread ended (quality checks look at truncated chunks)."""
+        out: list[dict] = []
+        main = self.main
+
+        def add(tid: int, text: str) -> None:
+            if out and out[-1]["thread"] == tid:
+                out[-1]["text"] += text
+            else:
+                out.append({"thread": tid, "text": text, "finish": self.threads[tid].finish})
+
+        for i, ev in enumerate(main.events):
+            if isinstance(ev, Text):
+                add(0, ev.raw)
+            tid = main.forks.get(i)
+            if tid is not None:
+                add(tid, self.threads[tid].text())
+        return out
 
     def tag_tokens(self) -> int:
         """Tokens spent on tags: each tag event at its own token length (forced <async> included)."""

@@ -1,0 +1,346 @@
+"""`pasta eval`: answer a prompt set in several modes, time them side by side, judge quality, write the reports.
+
+Modes:
+- `sequential`: the baseline model (`--baseline-adapter`) decoding one token at a time; every ratio divides by it;
+- `pasta`: the PASTA model (`--adapter`) decoding asynchronously;
+- `sot`: Skeleton-of-Thought on the baseline model, points expanded through the same fork machinery.
+
+For each prompt the modes run back to back in an order that rotates from prompt to prompt, after one untimed
+warm-up per engine, so that drift in the machine's speed hits every mode alike (DESIGN.md section 5). Results are
+appended to `results.jsonl` as they come: a rerun skips every (prompt, mode) already there, and judgments are
+cached the same way in `judgments.jsonl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..engine import Engine, GenerateConfig
+from ..models import chat_prompt
+from ..train.io import append_jsonl, read_jsonl
+from .judges import Answer, Judge, lc_win_rate, win_rate
+from .sot import sot_generate
+from .speed import geomean, machine, timestamp, validity
+
+MODES = ("sequential", "pasta", "sot")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (saved in summary.json)."""
+
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    system: str | None = None
+    efficiency: bool = True  # replay each forked PASTA answer sequentially to measure engine efficiency
+    sot_skeleton_tokens: int = 120
+    sot_point_tokens: int = 60
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
+        if "sequential" not in self.modes:
+            raise ValueError("the modes must include 'sequential': every speedup and win rate is relative to it")
+        self.modes = list(dict.fromkeys(self.modes))
+
+
+def prompt_id(p: dict) -> str:
+    """The prompt's `id`, or a stable hash of its text when it has none."""
+    return str(p.get("id") or "sha1-" + hashlib.sha1(p["prompt"].encode()).hexdigest()[:12])
+
+
+def _record(p: dict, mode: str, model: str, res) -> dict:
+    d = res.to_json()
+    rec = {"id": prompt_id(p), "prompt": p["prompt"], "category": p.get("category"), "parallel": p.get("parallel"),
+           "mode": mode, "model": model, "answer": d.pop("text"), "raw": d.pop("raw")}
+    d.pop("model", None)
+    d.pop("mode", None)
+    rec.update(d)
+    if mode == "pasta":
+        rec.update(validity(rec["raw"], rec["threads"]))
+    return rec
+
+
+def generate_all(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfig, out_dir: Path,
+                 progress: bool = True) -> list[dict]:
+    """Answer every prompt in every mode not yet in `out_dir/results.jsonl`; return all records (old and new)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    done = read_jsonl(path) if path.exists() else []
+    have = {(r["id"], r["mode"]) for r in done}
+    todo = [(i, p) for i, p in enumerate(prompts) if any((prompt_id(p), m) not in have for m in cfg.modes)]
+    if todo:
+        warm = chat_prompt(next(iter(engines.values())).tokenizer, "Say hello.", cfg.system)
+        for e in {id(e): e for e in engines.values()}.values():
+            e.generate(warm, replace(cfg.generate, max_new_tokens=8))  # warm-up, not measured
+    seq_cfg = replace(cfg.generate, sequential=True)
+    for i, p in tqdm(todo, desc="eval", unit="prompt", disable=not progress):
+        modes = cfg.modes[i % len(cfg.modes):] + cfg.modes[: i % len(cfg.modes)]
+        for mode in modes:
+            if (prompt_id(p), mode) in have:
+                continue
+            eng = engines[mode]
+            ids = chat_prompt(eng.tokenizer, p["prompt"], cfg.system)
+            if mode == "sequential":
+                rec = _record(p, mode, eng.name, eng.generate(ids, seq_cfg))
+            elif mode == "pasta":
+                res = eng.generate(ids, replace(cfg.generate, sequential=False))
+                rec = _record(p, mode, eng.name, res)
+                if cfg.efficiency and res.threads > 0:
+                    try:  # the same tokens, replayed one per step
+                        replay = eng.generate(ids, seq_cfg, force=res.raw)
+                    except ValueError as e:  # an answer the replay cannot take: no efficiency for this one
+                        rec["efficiency_error"] = str(e)
+                    else:
+                        rec["replay_sequential_s"] = replay.wall_s
+                        rec["efficiency"] = (replay.wall_s / res.wall_s) / res.theoretical_speedup
+            else:
+                res = sot_generate(eng, p["prompt"], cfg.generate, cfg.system, cfg.sot_skeleton_tokens,
+                                   cfg.sot_point_tokens)
+                rec = _record(p, mode, eng.name, res)
+            append_jsonl(path, rec)
+            done.append(rec)
+            have.add((rec["id"], mode))
+    return done
+
+
+def judge_all(records: list[dict], judge: Judge, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Judge every non-sequential answer against the sequential answer to the same prompt (and, for a judge
+    that is not pairwise, the sequential answer against itself); cached in `out_dir/judgments.jsonl`."""
+    path = out_dir / "judgments.jsonl"
+    done = [j for j in (read_jsonl(path) if path.exists() else []) if j["judge"] == judge.name]
+    have = {(j["id"], j["mode"]) for j in done}
+    seq = {r["id"]: r for r in records if r["mode"] == "sequential"}
+    todo = [r for r in records if r["id"] in seq and (r["id"], r["mode"]) not in have
+            and (r["mode"] != "sequential" or not judge.pairwise)]
+    for r in tqdm(todo, desc=f"judge ({judge.name})", unit="answer", disable=not progress):
+        ref = seq[r["id"]]
+        v = judge.judge(r["prompt"], Answer(ref["answer"], ref.get("pieces", [])),
+                        Answer(r["answer"], r.get("pieces", [])))
+        j = {"id": r["id"], "mode": r["mode"], "judge": judge.name, "score": v.score, "details": v.details}
+        append_jsonl(path, j)
+        done.append(j)
+    return done
+
+
+def _speed(rows: list[tuple[dict, dict]]) -> dict:
+    """Speed measures of (mode record, sequential record) pairs."""
+    wall = [s["wall_s"] / r["wall_s"] for r, s in rows if r["wall_s"] > 0]
+    tput = [(r["tokens"] / r["wall_s"]) / (s["tokens"] / s["wall_s"]) for r, s in rows
+            if r["tokens"] and s["tokens"] and r["wall_s"] > 0 and s["wall_s"] > 0]
+    eff = [r["efficiency"] for r, _ in rows if r.get("efficiency")]
+    return {
+        "wall_speedup_gmean": geomean(wall),
+        "throughput_speedup_gmean": geomean(tput),
+        "theoretical_speedup_gmean": geomean(r["theoretical_speedup"] for r, _ in rows),
+        "engine_efficiency_gmean": geomean(eff) if eff else None,
+        "efficiency_prompts": len(eff),
+    }
+
+
+def summarize_mode(mode: str, rows: list[tuple[dict, dict]], judgments: dict, judge: Judge | None) -> dict:
+    n = len(rows)
+    s = {"mode": mode, "prompts": n}
+    if not n:
+        return s
+    recs = [r for r, _ in rows]
+    s["model"] = recs[0]["model"]
+    s.update(_speed(rows))
+    s.update({
+        "tokens_mean": sum(r["tokens"] for r in recs) / n,
+        "tag_tokens_mean": sum(r["tag_tokens"] for r in recs) / n,
+        "decode_steps_mean": sum(r["decode_steps"] for r in recs) / n,
+        "threads_mean": sum(r["threads"] for r in recs) / n,
+        "forked": sum(r["threads"] > 0 for r in recs) / n,
+        "wall_s_mean": sum(r["wall_s"] for r in recs) / n,
+        "limits_hit": sum(bool(r["limits_hit"]) for r in recs),
+    })
+    if mode == "pasta":
+        s["with_valid_promise"] = sum(bool(r.get("valid_promise")) for r in recs) / n
+    if mode == "sot":
+        s["sot_fallback"] = sum(bool(r.get("fallback")) for r in recs) / n
+    if judge is not None:
+        s["judge"] = judge.name
+        if judge.pairwise and mode == "sequential":
+            s["quality"] = s["win_rate"] = s["lc_win_rate"] = 0.5
+        else:
+            js = [(judgments.get((r["id"], mode)), r, ref) for r, ref in rows]
+            js = [(j, r, ref) for j, r, ref in js if j is not None]
+            scores = [j["score"] for j, _, _ in js]
+            if judge.pairwise:
+                s.update(win_rate(scores))
+                s["lc_win_rate"] = lc_win_rate(scores, [r["tokens"] for _, r, _ in js],
+                                               [ref["tokens"] for _, _, ref in js])["lc_win_rate"]
+                s["quality"] = s["win_rate"]
+            else:
+                s["quality"] = sum(scores) / len(scores) if scores else float("nan")
+                for part in ("content", "repetition", "degenerate"):
+                    vals = [j["details"][part] for j, _, _ in js]
+                    s[part] = sum(vals) / len(vals) if vals else float("nan")
+            s["judged"] = len(scores)
+    return s
+
+
+def summarize(records: list[dict], judgments: list[dict], cfg: EvalConfig, judge: Judge | None,
+              prompts: list[dict]) -> dict:
+    """summary.json: per mode and per group (all, parallelizable, not), over the prompts of this run."""
+    wanted = {prompt_id(p) for p in prompts}
+    by = {(r["id"], r["mode"]): r for r in records if r["id"] in wanted}
+    jmap = {(j["id"], j["mode"]): j for j in judgments}
+    groups = {"all": lambda r: True, "parallel": lambda r: r.get("parallel") is True,
+              "not parallel": lambda r: r.get("parallel") is False}
+    out = {"timestamp": timestamp(), "machine": machine(), "judge": judge.name if judge else None,
+           "config": {"modes": cfg.modes, "efficiency": cfg.efficiency, "system": cfg.system,
+                      "sot_skeleton_tokens": cfg.sot_skeleton_tokens, "sot_point_tokens": cfg.sot_point_tokens,
+                      "generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"}},
+           "groups": {}}
+    for g, keep in groups.items():
+        per = {}
+        for mode in cfg.modes:
+            rows = [(r, by[(r["id"], "sequential")]) for (i, m), r in by.items()
+                    if m == mode and (i, "sequential") in by and keep(r)]
+            per[mode] = summarize_mode(mode, rows, jmap, judge)
+        if any(v["prompts"] for v in per.values()):
+            out["groups"][g] = per
+    return out
+
+
+def _fmt(v, f: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f.format(v)
+
+
+ROWS = [
+    ("prompts", "prompts", "{:d}"),
+    ("model", "model", "{}"),
+    ("wall-clock speedup (gmean)", "wall_speedup_gmean", "{:.2f}x"),
+    ("throughput-normalized speedup (gmean)", "throughput_speedup_gmean", "{:.2f}x"),
+    ("theoretical speedup (gmean)", "theoretical_speedup_gmean", "{:.2f}x"),
+    ("engine efficiency (gmean, forked answers)", "engine_efficiency_gmean", "{:.2f}"),
+    ("answers that forked", "forked", "{:.0%}"),
+    ("answers with a valid promise", "with_valid_promise", "{:.0%}"),
+    ("async threads (mean)", "threads_mean", "{:.2f}"),
+    ("rendered tokens (mean)", "tokens_mean", "{:.0f}"),
+    ("tag tokens (mean)", "tag_tokens_mean", "{:.0f}"),
+    ("decode steps (mean)", "decode_steps_mean", "{:.0f}"),
+    ("wall time per answer (mean, s)", "wall_s_mean", "{:.2f}"),
+    ("answers that hit a limit", "limits_hit", "{:d}"),
+    ("SoT fell back to sequential", "sot_fallback", "{:.0%}"),
+    ("win rate vs sequential", "win_rate", "{:.1%}"),
+    ("length-controlled win rate", "lc_win_rate", "{:.1%}"),
+    ("proxy: content kept", "content", "{:.3f}"),
+    ("proxy: repetition across chunks", "repetition", "{:.3f}"),
+    ("proxy: degenerate chunks", "degenerate", "{:.3f}"),
+    ("quality (judge's score)", "quality", "{:.3f}"),
+]
+
+
+def report_md(summary: dict, title: str = "pasta eval") -> str:
+    m = summary["machine"]
+    g = summary["config"]["generate"]
+    lines = [f"# {title}", "",
+             f"Run {summary['timestamp']} on {m['machine']} ({m['processor']}), {m['threads']} torch threads, "
+             f"torch {m['torch']}. Every speedup divides by the `sequential` mode, timed in the same run "
+             f"(modes interleaved per prompt, after a warm-up). Judge: `{summary['judge']}`. Decoding: "
+             f"max_new_tokens {g['max_new_tokens']}, temperature {g['temperature']}, max_threads {g['max_threads']}, "
+             f"async_factor {g['async_factor']}.", ""]
+    for group, per in summary["groups"].items():
+        modes = list(per)
+        lines += [f"## {group} prompts", "", "| measure | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        for label, key, f in ROWS:
+            cells = [_fmt(per[mo].get(key), f) for mo in modes]
+            if all(c == "-" for c in cells):
+                continue
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if summary["judge"] == "proxy":
+        lines += ["The `proxy` judge is not a preference judge: it scores content kept relative to the sequential "
+                  "answer, repetition across chunks and degenerate chunks (see docs/eval.md). Run the AlpacaEval "
+                  "files in `alpaca_eval/` through a strong judge for win rates.", ""]
+    return "\n".join(lines)
+
+
+def pareto_png(summary: dict, path: Path, group: str = "all") -> None:
+    """Quality against wall-clock speedup, one point per mode (sequential at 1.0x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = summary["groups"].get(group) or next(iter(summary["groups"].values()))
+    pairwise = summary["judge"] in ("openai", "hf")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for mode, s in per.items():
+        x = 1.0 if mode == "sequential" else s.get("wall_speedup_gmean")
+        y = s.get("quality")
+        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        ax.scatter([x], [y], s=60)
+        ax.annotate(f"{mode}\n({s.get('model', '')})", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("wall-clock speedup over sequential (geometric mean)")
+    ax.set_ylabel("win rate vs sequential" if pairwise else f"quality ({summary['judge'] or 'none'} score)")
+    ax.set_title(f"pasta eval: {group} prompts ({per[next(iter(per))]['prompts']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def alpaca_eval_files(records: list[dict], out_dir: Path, prompts: list[dict]) -> list[Path]:
+    """One AlpacaEval model-outputs file per mode: a JSON list of {instruction, output, generator, dataset}."""
+    wanted = [prompt_id(p) for p in prompts]
+    d = out_dir / "alpaca_eval"
+    d.mkdir(exist_ok=True)
+    by = {(r["id"], r["mode"]): r for r in records}
+    paths = []
+    for mode in sorted({r["mode"] for r in records}):
+        rows = [by[(i, mode)] for i in wanted if (i, mode) in by]
+        out = [{"instruction": r["prompt"], "output": r["answer"], "generator": f"{r['model']}-{mode}",
+                "dataset": r.get("category") or "pastalm"} for r in rows]
+        p = d / f"{mode}.json"
+        p.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+        paths.append(p)
+    return paths
+
+
+def check_settings(out_dir: Path, engines: dict[str, Engine], cfg: EvalConfig) -> None:
+    """Save the run's settings in out_dir/run.json; refuse to resume a folder made with other settings (its old
+    answers would be compared with new ones). Adding a mode to a folder is allowed."""
+    settings = {"generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"},
+                "system": cfg.system, "sot": [cfg.sot_skeleton_tokens, cfg.sot_point_tokens],
+                "models": {m: e.name for m, e in engines.items()}}
+    path = out_dir / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in ("generate", "system", "sot") if old.get(k) != settings[k]]
+        diff += [f"model of {m}" for m, n in settings["models"].items() if old["models"].get(m, n) != n]
+        if diff:
+            raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(diff)}); resume with "
+                             "the same settings or pass a new --out")
+        settings["models"] = {**old["models"], **settings["models"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def run_eval(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfig, out_dir: Path,
+             judge: Judge | None = None, progress: bool = True) -> dict:
+    """Generate, judge and report; returns the summary (also written to out_dir/summary.json)."""
+    out_dir = Path(out_dir)
+    check_settings(out_dir, engines, cfg)
+    records = generate_all(prompts, engines, cfg, out_dir, progress)
+    judgments = judge_all(records, judge, out_dir, progress) if judge is not None else []
+    summary = summarize(records, judgments, cfg, judge, prompts)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "report.md").write_text(report_md(summary))
+    pareto_png(summary, out_dir / "pareto.png")
+    alpaca_eval_files(records, out_dir, prompts)
+    return summary

@@ -1,0 +1,377 @@
+"""`pasta eval`: win-rate arithmetic, judges (a real local HTTP endpoint for the openai one), the proxy judge,
+Skeleton-of-Thought (point parsing, expansion through the fork machinery against a full forward), and the
+command end to end with resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.engine.reference import layout_forward
+from pastalm.eval import sot as sot_module
+from pastalm.eval.judges import (
+    Answer,
+    HFJudge,
+    OpenAIJudge,
+    PairwiseJudge,
+    ProxyJudge,
+    chunks_of,
+    lc_win_rate,
+    looping,
+    parse_verdict,
+    win_rate,
+)
+from pastalm.eval.sot import parse_points, sot_generate
+from pastalm.lang import ReservePolicy
+from pastalm.lang.layout import Layout, SequenceLayout
+from pastalm.lang.tags import promise_tag
+from pastalm.models import chat_prompt
+
+# -- arithmetic ----------------------------------------------------------------------------------------------------
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 0.0, 0.5, 1.0]) == {"n": 4, "win_rate": 0.625, "wins": 2, "ties": 1, "losses": 1}
+    assert win_rate([0.75, 0.25])["win_rate"] == 0.5
+    assert math.isnan(win_rate([])["win_rate"])
+
+
+def test_lc_win_rate_without_length_difference_is_the_win_rate():
+    scores = [1, 1, 0, 0.5, 1]
+    r = lc_win_rate(scores, [10] * 5, [10] * 5)
+    assert r["lc_win_rate"] == pytest.approx(0.7)
+    assert r["theta"][0] == pytest.approx(math.log(0.7 / 0.3))
+
+
+def test_lc_win_rate_removes_a_pure_length_effect():
+    """8 answers longer than the reference win 6 of 8; 4 shorter ones win 1 of 4. Raw win rate 7/12; the
+    two-group logistic model is saturated, so theta_0 = (logit .75 + logit .25) / 2 = 0: LC win rate 0.5, and
+    theta_1 = logit(.75) / tanh(10 / std(d))."""
+    scores = [1] * 6 + [0] * 2 + [1] + [0] * 3
+    cand = [110] * 8 + [90] * 4
+    ref = [100] * 12
+    assert win_rate(scores)["win_rate"] == pytest.approx(7 / 12)
+    r = lc_win_rate(scores, cand, ref)
+    d = torch.tensor([10.0] * 8 + [-10.0] * 4)
+    sd = float(d.std(unbiased=False))
+    assert r["lc_win_rate"] == pytest.approx(0.5, abs=1e-6)
+    assert r["theta"][1] == pytest.approx(math.log(3) / math.tanh(10 / sd), rel=1e-6)
+
+
+def test_lc_win_rate_keeps_a_preference_that_is_not_length():
+    """Same lengths pattern, but the candidate wins 3 of 4 in both groups: LC = raw = 0.75."""
+    scores = [1, 1, 1, 0] * 2 + [1, 1, 1, 0]
+    r = lc_win_rate(scores, [110] * 8 + [90] * 4, [100] * 12)
+    assert r["lc_win_rate"] == pytest.approx(0.75, abs=1e-6)
+    assert r["theta"][1] == pytest.approx(0.0, abs=1e-6)
+
+
+class FixedJudge(PairwiseJudge):
+    """P(first better) = quality of the first answer vs the second, plus a position bias."""
+
+    def __init__(self, bias: float, good: str = "GOOD"):
+        self.bias = bias
+        self.good = good
+
+    def prob_first(self, instruction, first, second):
+        base = 0.5 + 0.3 * ((self.good in first) - (self.good in second))
+        return min(1.0, max(0.0, base + self.bias)), {}
+
+
+def test_both_orders_cancel_position_bias():
+    ref, same, better = Answer("plain answer"), Answer("another plain answer"), Answer("GOOD answer")
+    assert FixedJudge(0.3).judge("q", ref, same).score == pytest.approx(0.5)  # pure bias: a tie
+    assert FixedJudge(-0.2).judge("q", ref, same).score == pytest.approx(0.5)
+    # with a real preference the bias still cancels: first order 0.8 + 0.15, second order 1 - (0.2 + 0.15)
+    v = FixedJudge(0.15).judge("q", ref, better)
+    assert v.score == pytest.approx(0.8)
+    assert v.details["candidate_first"] == pytest.approx(0.95) and v.details["candidate_second"] == pytest.approx(0.65)
+
+
+@pytest.mark.parametrize("reply, want", [("A", 1.0), ("B", 0.0), (" b.", 0.0), ("Answer A is better", 1.0),
+                                         ("(B)", 0.0), ("Neither", None), ("", None)])
+def test_parse_verdict(reply, want):
+    assert parse_verdict(reply) == want
+
+
+# -- the openai judge against a real local endpoint -----------------------------------------------------------------
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi import FastAPI, Request  # noqa: E402
+
+
+def judge_app(requests: list[dict]):
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        requests.append(body)
+        user = body["messages"][-1]["content"]
+        first = user.split("## Answer A\n", 1)[1].split("## Answer B\n", 1)[0]
+        letter = "A" if (body["model"] == "biased" or "GOOD" in first) else "B"
+        choice = {"index": 0, "message": {"role": "assistant", "content": letter}, "finish_reason": "stop"}
+        if body["model"] == "soft":  # log-probabilities: 0.9 on the letter it picks
+            other = "B" if letter == "A" else "A"
+            choice["logprobs"] = {"content": [{"token": letter, "logprob": math.log(0.9), "bytes": None,
+                                               "top_logprobs": [
+                                                   {"token": letter, "logprob": math.log(0.9), "bytes": None},
+                                                   {"token": other, "logprob": math.log(0.1), "bytes": None}]}]}
+        return {"id": "j", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    from pastalm.testing import local_server
+
+    requests: list[dict] = []
+    with local_server(judge_app(requests)) as url:
+        yield f"{url}/v1", requests
+
+
+def test_openai_judge_over_http(judge_server, monkeypatch):
+    url, requests = judge_server
+    monkeypatch.setenv("PASTA_TEST_JUDGE_KEY", "sk-test")
+    ref, cand = Answer("a plain answer"), Answer("a GOOD answer")
+    v = OpenAIJudge(url, "content", "PASTA_TEST_JUDGE_KEY").judge("Say something.", ref, cand)
+    assert v.score == 1.0
+    # asked twice, candidate first then second, with the AlpacaEval-style prompt
+    firsts = [r["messages"][-1]["content"].split("## Answer A\n")[1].split("\n")[0] for r in requests[-2:]]
+    assert firsts == ["a GOOD answer", "a plain answer"]
+    assert all(r["temperature"] == 0 and "Say something." in r["messages"][-1]["content"] for r in requests[-2:])
+    assert OpenAIJudge(url, "content").judge("q", cand, ref).score == 0.0
+    assert OpenAIJudge(url, "biased").judge("q", ref, cand).score == 0.5  # "always A" cancels out
+    assert OpenAIJudge(url, "soft").judge("q", ref, cand).score == pytest.approx(0.9)
+
+
+# -- the hf judge --------------------------------------------------------------------------------------------------
+
+
+def test_hf_judge_reads_the_two_letter_probabilities(model, tokenizer):
+    judge = HFJudge(model, tokenizer)
+    p, d = judge.prob_first("Give tips.", "Sleep early.", "Eat well.")
+    from pastalm.eval.judges import JUDGE_PROMPT, JUDGE_SYSTEM
+
+    ids = chat_prompt(tokenizer, JUDGE_PROMPT.format(instruction="Give tips.", first="Sleep early.",
+                                                     second="Eat well."), JUDGE_SYSTEM)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    a, b = tokenizer.encode("A", add_special_tokens=False)[0], tokenizer.encode("B", add_special_tokens=False)[0]
+    want = torch.softmax(torch.stack([logits[a], logits[b]]), 0)[0].item()
+    assert p == pytest.approx(want, abs=1e-5)
+    v = judge.judge("Give tips.", Answer("Eat well."), Answer("Sleep early."))
+    assert v.score == pytest.approx((p + 1 - judge.prob_first("Give tips.", "Eat well.", "Sleep early.")[0]) / 2)
+
+
+# -- the proxy judge -----------------------------------------------------------------------------------------------
+
+ITEMS = ["1. Keep a fixed bedtime and wake time, even on weekends.",
+         "2. Put your phone away an hour before you go to bed.",
+         "3. Avoid coffee and tea after lunch."]
+CLEAN = "Here are three tips:\n\n" + "\n\n".join(ITEMS)
+
+
+def pieces(*chunks: tuple[str, str]) -> list[dict]:
+    return [{"thread": i, "text": t, "finish": f} for i, (t, f) in enumerate(chunks)]
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    return ProxyJudge()
+
+
+def test_proxy_judge_penalizes_duplicated_and_truncated_chunks(proxy):
+    ref = Answer(CLEAN)
+    clean = Answer(CLEAN, pieces(("Here are three tips:\n\n", "eos"), (ITEMS[0] + "\n\n", "close"),
+                                 (ITEMS[1] + "\n\n", "close"), (ITEMS[2], "close")))
+    dup_text = "Here are three tips:\n\n" + ITEMS[0] + "\n\n" + ITEMS[1] + "\n\n" + ITEMS[1].replace("2.", "3.")
+    dup = Answer(dup_text, pieces(("Here are three tips:\n\n", "eos"), (ITEMS[0] + "\n\n", "close"),
+                                  (ITEMS[1] + "\n\n", "close"), (ITEMS[1].replace("2.", "3."), "close")))
+    cut = ITEMS[1][:24]
+    trunc = Answer("Here are three tips:\n\n" + ITEMS[0] + "\n\n" + cut + "\n\n" + ITEMS[2],
+                   pieces(("Here are three tips:\n\n", "eos"), (ITEMS[0] + "\n\n", "close"), (cut + "\n\n", "budget"),
+                          (ITEMS[2], "close")))
+    s_clean, s_dup, s_trunc = (proxy.judge("Tips?", ref, a) for a in (clean, dup, trunc))
+    assert s_clean.score > 0.95 and s_clean.details["repetition"] == 0 and s_clean.details["degenerate"] == 0
+    assert s_dup.details["repetition"] > 0 and s_dup.score < s_clean.score - 0.2
+    assert s_trunc.details["truncated_chunks"] == 1 and s_trunc.score < s_clean.score - 0.2
+    # the same text with no pieces is one chunk per paragraph, none truncated
+    assert proxy.judge("Tips?", ref, Answer(CLEAN)).score == pytest.approx(s_clean.score, abs=1e-6)
+
+
+def test_proxy_parts():
+    assert looping("the cat sat on the mat " * 6)
+    assert not looping(CLEAN)
+    ch = chunks_of(Answer("x", pieces(("a\n\nb", "budget"), ("", "close"))))
+    assert [(c["text"], c["truncated"], c["empty"]) for c in ch] == [("a", False, False), ("b", True, False),
+                                                                     ("", False, True)]
+
+
+# -- Skeleton-of-Thought -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skeleton, want", [
+    ("1. Sleep early\n2. Eat well\n3. Exercise", ["Sleep early", "Eat well", "Exercise"]),
+    ("Sure! Here is the skeleton:\n\n1) **Sleep** early.\n2) Eat well:\n\nHope this helps!",
+     ["Sleep early.", "Eat well"]),
+    ("- Sleep\n* Eat\n• Move\n+ Rest", ["Sleep", "Eat", "Move", "Rest"]),
+    ("Step 1: Preheat oven\nStep 2: Mix flour\n(3) Bake", ["Preheat oven", "Mix flour", "Bake"]),
+    ("1. Sleep\n1. Sleep\n2.\n3. Eat", ["Sleep", "Eat"]),  # repeats and empty items dropped
+    ("No list here, just prose about sleeping.", []),
+    ("1. " + " ".join(["word"] * 30), [" ".join(["word"] * 12)]),
+    ("**1. Plan ahead**\n**2. Stay calm**", ["Plan ahead", "Stay calm"]),
+])
+def test_parse_points_on_messy_skeletons(skeleton, want):
+    assert parse_points(skeleton) == want
+
+
+def test_parse_points_stops_at_max():
+    assert parse_points("\n".join(f"{i}. point {i}" for i in range(1, 20)), max_points=5) == [
+        f"point {i}" for i in range(1, 6)]
+
+
+def test_scaffold_expansion_matches_full_forward(model, tokenizer):
+    """SoT's expansion: main's promises are written in one step, each block starts with its forced header and
+    then decodes freely; every logit equals one full forward over the same layout (blocks see main's script,
+    never each other)."""
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    prompt = chat_prompt(tokenizer, "Expand the points.")
+    script = tokenizer.encode(promise_tag("p1", 6) + promise_tag("p2", 6), add_special_tokens=False)
+    heads = [tokenizer.encode("1. Sleep:", add_special_tokens=False),
+             tokenizer.encode("\n2. Eat:", add_special_tokens=False)]
+    cfg = GenerateConfig(max_new_tokens=200, record_logits=True)
+    res = eng.generate(prompt, cfg, scripts=[script] + heads, scaffold=True)
+    assert res.threads == 2 and res.mode == "scaffold-async"
+    open_ids = tokenizer.encode("<async>", add_special_tokens=False)
+    for k in (1, 2):
+        toks = res.token_ids[k]
+        assert toks[: len(open_ids) + len(heads[k - 1])] == open_ids + heads[k - 1]
+        assert len(toks) > len(open_ids) + len(heads[k - 1])  # it went on decoding after its header
+    assert res.token_ids[0] == script
+    # reference: the same layout built by hand, one full forward
+    lay, seq = Layout(ReservePolicy.for_tokenizer(tokenizer, 1.0)), SequenceLayout(input_ids=[])
+
+    def add(thread, ids):
+        span = lay.append(thread, len(ids))
+        seq.spans.append(span)
+        seq.input_ids.extend(ids)
+        seq.thread.extend([thread] * len(ids))
+        seq.index.extend(range(span.start, span.start + len(ids)))
+        seq.positions.extend(span.positions)
+
+    add(0, prompt + script)
+    tids = [lay.fork(6), lay.fork(6)]
+    for k, tid in enumerate(tids, start=1):
+        add(tid, res.token_ids[k])
+    ref = layout_forward(model, seq)
+    where = {(t, i): j for j, (t, i) in enumerate(zip(seq.thread, seq.index))}
+    block_rows = [key for key in res.logits if key[0] > 0]
+    assert len(block_rows) >= sum(len(res.token_ids[k]) for k in (1, 2)) - 2 * len(open_ids)
+    for key, row in res.logits.items():
+        torch.testing.assert_close(row, ref[where[key]], atol=2e-5, rtol=1e-4)
+    # main's script took one decode step, not one per token
+    assert res.decode_steps <= 1 + max(len(res.token_ids[k]) for k in (1, 2)) + 1
+
+
+def test_sot_generate_assembles_points_in_order(model, tokenizer, monkeypatch):
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    monkeypatch.setattr(sot_module, "parse_points", lambda text, n: ["Sleep early", "Eat well", "Move daily"])
+    r = sot_generate(eng, "Give three tips.", GenerateConfig(max_new_tokens=120), point_tokens=8)
+    assert not r.fallback and r.threads == 3 and r.points == ["Sleep early", "Eat well", "Move daily"]
+    i1, i2, i3 = (r.text.index(h) for h in ("1. Sleep early:", "\n2. Eat well:", "\n3. Move daily:"))
+    assert i1 == 0 and i1 < i2 < i3
+    assert [p["text"] for p in r.pieces] and "".join(p["text"] for p in r.pieces).strip() == r.text
+    assert r.theoretical_speedup > 1.0 and r.wall_s >= r.skeleton_wall_s
+    assert "<promise" not in r.text
+
+
+def test_sot_without_points_falls_back_to_sequential(model, tokenizer, monkeypatch):
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    monkeypatch.setattr(sot_module, "parse_points", lambda text, n: [])
+    cfg = GenerateConfig(max_new_tokens=30)
+    r = sot_generate(eng, "What is 2+2?", cfg)
+    ref = eng.generate(chat_prompt(tokenizer, "What is 2+2?"), GenerateConfig(max_new_tokens=30, sequential=True))
+    assert r.fallback and r.threads == 0 and r.text == ref.text
+
+
+# -- the command end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-eval")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+PROMPTS = [{"id": "t1", "prompt": "Give three tips to sleep better.", "category": "tips"},
+           {"id": "a1", "prompt": "What is 2+2?", "category": "arithmetic"},
+           {"id": "c1", "prompt": "Compare apples and oranges.", "category": "comparison"}]
+
+
+def test_pasta_eval_end_to_end_and_resume(folder, tmp_path, capsys, monkeypatch):
+    from pastalm.cli import main
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "out"
+    argv = ["eval", "--prompts", str(src), "--out", str(out), "--model", str(folder), "--max-new-tokens", "24",
+            "--sot-skeleton-tokens", "16", "--quiet"]
+    assert main(argv) == 0
+    for name in ("results.jsonl", "judgments.jsonl", "summary.json", "report.md", "pareto.png", "run.json",
+                 "alpaca_eval/sequential.json", "alpaca_eval/pasta.json", "alpaca_eval/sot.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["mode"]) for r in rows) == sorted((p["id"], m) for p in PROMPTS
+                                                                for m in ("sequential", "pasta", "sot"))
+    for r in rows:
+        assert {"answer", "raw", "tokens", "tag_tokens", "decode_steps", "threads", "wall_s", "limits_hit"} <= set(r)
+    summary = json.loads((out / "summary.json").read_text())
+    per = summary["groups"]["all"]
+    assert per["sequential"]["wall_speedup_gmean"] == pytest.approx(1.0)
+    assert set(per) == {"sequential", "pasta", "sot"} and all(s["prompts"] == 3 for s in per.values())
+    assert summary["groups"]["parallel"]["pasta"]["prompts"] == 2
+    assert per["sequential"]["judged"] == 3 and per["sequential"]["content"] == pytest.approx(1.0, abs=1e-4)
+    alpaca = json.loads((out / "alpaca_eval" / "pasta.json").read_text())
+    assert [a["instruction"] for a in alpaca] == [p["prompt"] for p in PROMPTS]
+    assert set(alpaca[0]) == {"instruction", "output", "generator", "dataset"}
+    assert "| wall-clock speedup (gmean) |" in (out / "report.md").read_text()
+    before = (out / "results.jsonl").read_text(), (out / "judgments.jsonl").read_text()
+
+    # a second run redoes nothing: generating or judging anything now would fail
+    def boom(*a, **k):
+        raise AssertionError("resumed run generated again")
+
+    monkeypatch.setattr(Engine, "generate", boom)
+    monkeypatch.setattr(ProxyJudge, "judge", boom)
+    assert main(argv) == 0
+    assert ((out / "results.jsonl").read_text(), (out / "judgments.jsonl").read_text()) == before
+    capsys.readouterr()
+    # other settings in the same folder are refused
+    assert main(argv[:-1] + ["--temperature", "0.7", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--modes", "pasta,fast"], "unknown mode(s) fast"),
+    (["--modes", "pasta"], "must include 'sequential'"),
+    (["--judge", "openai"], "--judge openai needs --judge-url"),
+])
+def test_eval_bad_settings_are_one_clear_line(folder, tmp_path, capsys, extra, message):
+    from pastalm.cli import main
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps(PROMPTS[0]) + "\n")
+    assert main(["eval", "--prompts", str(src), "--out", str(tmp_path / "o"), "--model", str(folder), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

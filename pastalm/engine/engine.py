@@ -1,17 +1,15 @@
-"""The step loop: schedule -> forward -> choose tokens, until the interpreter says the request is finished."""
+"""`Engine.generate`: one request through the step loop of `batch.Batcher` (schedule -> forward -> choose tokens,
+until the interpreter says the request is finished), and the settings and result of a generation."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 
 from ..lang.layout import ReservePolicy, tokenize_segments
 from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
-from .interpreter import STOP, Interpreter, Limits, Status
-from .runner import HFRunner
-from .sampler import sample, thread_generator
+from .batch import Batcher
+from .interpreter import Limits
 
 
 @dataclass
@@ -125,68 +123,16 @@ class Engine:
         token per step. With `scaffold`, the scripts are scaffolding instead: main's script is written in one
         step (all its promises fork together), and a block's script is only a forced prefix after which the block
         decodes freely. This is how Skeleton-of-Thought expands its points through the same fork machinery."""
-        t0 = time.perf_counter()
-        policy = ReservePolicy.for_tokenizer(self.tokenizer, config.reserve_scale)
         if force is not None:
             if scripts is not None:
                 raise ValueError("give either force or scripts, not both")
             scripts = scripts_for(self.tokenizer, force, config.sequential)
-        interp = Interpreter(self.tokenizer, list(prompt_ids), self.stop_ids, policy,
-                             config.limits(self.max_positions), config.sequential, scripts,
-                             open_block_scripts=scaffold)
-        runner = HFRunner(self.model)
-        generators: dict[int, torch.Generator] = {}
-        logits_log: dict | None = {} if config.record_logits else None
-        steps, streamed = 0, 0
-        while not interp.finished:
-            feeds = interp.schedule()
-            if not feeds:
-                interp.stop("stalled")  # a limit ended the request (then this is a no-op), or nothing can move
-                break
-            logits = runner.forward(feeds, interp.layout.num_threads)  # (len(feeds), V)
-            steps += 1
-            rows = {f.thread: (i, f.span.start + len(f.ids) - 1) for i, f in enumerate(feeds)}
-            if logits_log is not None:
-                for tid, (i, idx) in rows.items():
-                    logits_log[(tid, idx)] = logits[i].float().clone()
-            for tid in interp.fed(feeds):
-                token = interp.scripted(tid)
-                if token is None:
-                    if tid not in generators:
-                        generators[tid] = thread_generator(config.seed, tid)
-                    token = sample(logits[rows[tid][0]], config.temperature, config.top_p, generators[tid])
-                interp.write(tid, token)
-                if scaffold and tid == 0:  # the rest of main's script goes in at once
-                    while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
-                        interp.write(0, token)
-            if on_text is not None:
-                streamed = _stream(interp.rendered(), streamed, on_text)
-        if on_text is not None:
-            _stream(interp.rendered(complete=True), streamed, on_text)
-        tag_tokens = interp.tag_tokens()
-        generated = interp.num_generated()
-        return Result(
-            text=interp.rendered(complete=True),
-            raw=interp.raw(),
-            model=self.name,
-            mode=("forced-" if force is not None else "scaffold-" if scaffold else "scripted-" if scripts else "")
-            + ("sequential" if config.sequential else "async"),
-            prompt_tokens=len(prompt_ids),
-            tokens=generated - tag_tokens,
-            tag_tokens=tag_tokens,
-            decode_steps=steps,
-            threads=len(interp.threads) - 1,
-            theoretical_speedup=round(interp.theoretical_speedup(), 4),
-            wall_s=round(time.perf_counter() - t0, 4),
-            limits_hit=list(interp.limits_hit),
-            finish=[t.finish for t in interp.threads],
-            pieces=interp.pieces(),
-            token_ids=[interp.threads[0].tokens[len(prompt_ids):]] + [t.tokens for t in interp.threads[1:]],
-            logits=logits_log,
-        )
+        batcher = Batcher(self)
+        req = batcher.add(prompt_ids, config, scripts, scaffold=scaffold, forced=force is not None, on_text=on_text)
+        while not req.done:
+            batcher.step()
+        return req.result
 
-
-def _stream(text: str, done: int, on_text) -> int:
-    if len(text) > done:
-        on_text(text[done:])
-    return max(done, len(text))
+    def batcher(self) -> Batcher:
+        """A `Batcher` on this engine: many requests advanced together, one forward pass per step."""
+        return Batcher(self)

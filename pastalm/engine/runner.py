@@ -1,8 +1,10 @@
-"""One batched forward pass over a request's interleaved KV cache (any HF causal LM).
+"""One batched forward pass over an interleaved KV cache shared by every thread of every request (any HF
+causal LM).
 
 Every token of every thread is appended to one cache exactly once, in the order the engine feeds them.
 A step feeds the pending tokens of each live thread together: explicit position ids and a 4D mask built from
-the layout's views decide who sees what, so nothing is copied at a fork or recomputed at a sync.
+the layout's views decide who sees what, so nothing is copied at a fork or recomputed at a sync. Each request's
+threads have columns of their own in the views, so no query ever sees another request's slots.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .interpreter import Feed
-from .mask import additive_mask, span_views, visibility
+from .mask import additive_mask, visibility
 
 
 def cache_kwarg(model) -> str:
@@ -21,31 +23,50 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class HFRunner:
-    """The KV cache of one request and the forward over it; returns the last logits of each feed."""
+class SharedCache:
+    """The KV cache all requests share, and the forward over it."""
 
     def __init__(self, model):
         self.model = model
         self.dtype = model.dtype
         self.cache = DynamicCache(config=model.config)
-        self.slot_thread = torch.empty(0, dtype=torch.long)  # (T,) thread of each cache slot
+        self.slot_column = torch.empty(0, dtype=torch.long)  # (T,) global column of each slot's thread
         self.slot_index = torch.empty(0, dtype=torch.long)  # (T,) index of the slot's token in its thread
+        self.num_columns = 0
         self._cache_kw = cache_kwarg(model)
 
+    def column(self, req, thread: int) -> int:
+        if thread not in req.columns:
+            req.columns[thread] = self.num_columns
+            self.num_columns += 1
+        return req.columns[thread]
+
     @torch.inference_mode()
-    def forward(self, feeds: list[Feed], num_threads: int) -> torch.Tensor:
-        """Append every feed's tokens to the cache; return logits (len(feeds), V) at each feed's last token."""
-        ids, positions, threads, index, last = [], [], [], [], []
-        for f in feeds:
+    def forward(self, feeds: list[tuple[object, Feed]]) -> torch.Tensor:
+        """Append every feed's tokens; return logits (len(feeds), V) at each feed's last token."""
+        ids, positions, cols, index, last, rows = [], [], [], [], [], []
+        for req, f in feeds:
+            for t in range(len(f.span.view)):
+                self.column(req, t)
+            col = self.column(req, f.thread)
+            base = [0] * self.num_columns
+            for t, v in enumerate(f.span.view):
+                base[req.columns[t]] = v
+            for i in range(len(f.ids)):
+                row = list(base)
+                row[col] = f.span.start + i + 1
+                rows.append(row)
             ids += f.ids
             positions += f.span.positions
-            threads += [f.thread] * len(f.ids)
+            cols += [col] * len(f.ids)
             index += range(f.span.start, f.span.start + len(f.ids))
             last.append(len(ids) - 1)
-        self.slot_thread = torch.cat([self.slot_thread, torch.tensor(threads)])
-        self.slot_index = torch.cat([self.slot_index, torch.tensor(index)])
-        views = span_views([f.span for f in feeds], num_threads)  # (Q, num_threads)
-        mask = additive_mask(visibility(views, self.slot_thread, self.slot_index), self.dtype)  # (1, 1, Q, T)
+        views = torch.zeros((len(rows), self.num_columns), dtype=torch.long)
+        for q, row in enumerate(rows):
+            views[q, : len(row)] = torch.tensor(row)
+        self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
+        self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
+        mask = additive_mask(visibility(views, self.slot_column, self.slot_index), self.dtype)
         out = self.model(
             input_ids=torch.tensor([ids]),
             position_ids=torch.tensor([positions]),
@@ -54,4 +75,28 @@ class HFRunner:
             use_cache=True,
             logits_to_keep=torch.tensor(last),
         )
-        return out.logits[0]  # (len(feeds), V)
+        return out.logits[0]
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slot_column.numel())
+
+    def compact(self, live: list) -> int:
+        """Drop the slots of every request not in `live`, renumber the columns; return the slots dropped."""
+        keep_cols = sorted(c for r in live for c in r.columns.values())
+        remap = torch.full((max(self.num_columns, 1),), -1, dtype=torch.long)
+        remap[torch.tensor(keep_cols, dtype=torch.long)] = torch.arange(len(keep_cols))
+        keep = remap[self.slot_column] >= 0 if self.num_slots else torch.zeros(0, dtype=torch.bool)
+        dropped = int((~keep).sum())
+        if dropped:
+            where = keep.nonzero().squeeze(1)
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys = layer.keys.index_select(-2, where)
+                    layer.values = layer.values.index_select(-2, where)
+            self.slot_column = remap[self.slot_column[where]]
+            self.slot_index = self.slot_index[where]
+        for r in live:
+            r.columns = {t: int(remap[c]) for t, c in r.columns.items()}
+        self.num_columns = len(keep_cols)
+        return dropped

@@ -1,0 +1,84 @@
+"""Continuous batching: requests that share one cache and one forward pass per step decode exactly as they
+would alone, join and leave between steps, and a cancelled request's slots are freed."""
+
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.engine.engine import scripts_for
+from pastalm.models import chat_prompt
+
+P = '<promise topic="{}" tokens="{}"/>'
+FORCED = "Three ways.\n" + P.format("a", 8) + "<async>1. Keep a schedule.</async>\n" + P.format("b", 5) \
+    + "<async>2. Avoid screens.</async>\n<sync/>Together they help."
+FORCED2 = "Go: " + P.format("p", 6) + "<async>first, second</async> and " + P.format("q", 20) + "<async>third</async> end"
+
+
+def jobs(tokenizer):
+    """(prompt ids, config, force) of a mix of requests: free greedy, forced with forks, sequential, sampled."""
+    p = lambda s: chat_prompt(tokenizer, s)  # noqa: E731
+    return [
+        (p("Give me some tips."), GenerateConfig(max_new_tokens=300, record_logits=True), FORCED),
+        (p("What is 2+2?"), GenerateConfig(max_new_tokens=25, record_logits=True), None),
+        (p("Compare apples and oranges, please, in detail."), GenerateConfig(max_new_tokens=300, reserve_scale=0,
+                                                                             record_logits=True), FORCED2),
+        (p("A poem."), GenerateConfig(max_new_tokens=20, sequential=True, record_logits=True), None),
+        (p("Sample something."), GenerateConfig(max_new_tokens=20, temperature=0.9, seed=3, record_logits=True), None),
+    ]
+
+
+def same(a, b):
+    assert a.text == b.text and a.raw == b.raw and a.token_ids == b.token_ids
+    assert (a.threads, a.tokens, a.tag_tokens, a.limits_hit, a.finish) == (b.threads, b.tokens, b.tag_tokens,
+                                                                           b.limits_hit, b.finish)
+    assert a.logits.keys() == b.logits.keys()
+    for k in a.logits:
+        torch.testing.assert_close(a.logits[k], b.logits[k], atol=2e-5, rtol=1e-4)
+
+
+def add(batcher, tokenizer, job):
+    ids, cfg, force = job
+    scripts = scripts_for(tokenizer, force, cfg.sequential) if force else None
+    return batcher.add(ids, cfg, scripts, forced=force is not None)
+
+
+def test_batched_requests_decode_as_they_would_alone(model, tokenizer):
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    js = jobs(tokenizer)
+    alone = [eng.generate(ids, cfg, force=force) for ids, cfg, force in js]
+    assert alone[0].threads == 2 and alone[2].threads == 2
+    b = eng.batcher()
+    reqs = [add(b, tokenizer, j) for j in js[:3]]
+    for _ in range(4):  # the last two join while the first three are mid-flight
+        b.step()
+    reqs += [add(b, tokenizer, j) for j in js[3:]]
+    max_live = 0
+    while b.active:
+        max_live = max(max_live, len(b.active))
+        b.step()
+    assert max_live == 5
+    for r, a in zip(reqs, alone):
+        same(r.result, a)
+    # one forward pass per step for all of them: fewer steps than the requests took one after another
+    assert b.steps < sum(a.decode_steps for a in alone)
+
+
+def test_cancel_frees_the_cache_and_the_others_go_on(model, tokenizer):
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    js = jobs(tokenizer)[:3]
+    alone = [eng.generate(ids, cfg, force=force) for ids, cfg, force in js]
+    b = eng.batcher()
+    reqs = [add(b, tokenizer, j) for j in js]
+    for _ in range(6):
+        b.step()
+    slots_before = b.cache.num_slots
+    b.cancel(reqs[1])
+    assert reqs[1].result.limits_hit == ["cancelled"] and reqs[1].result.text  # its text so far is kept
+    dropped = b.cache.compact(b.active)
+    assert dropped > 0 and b.cache.num_slots == slots_before - dropped
+    live_cols = {c for r in b.active for c in r.columns.values()}
+    assert set(b.cache.slot_column.tolist()) <= live_cols and b.cache.num_columns == len(live_cols)
+    while b.active:
+        b.step()
+    same(reqs[0].result, alone[0])
+    same(reqs[2].result, alone[2])
+    assert not b.active and b.cache.num_slots == 0  # nothing left behind once every request is done

@@ -5,6 +5,7 @@
   pasta annotate             annotate answers in PASTA-LANG (structural or teacher), validate, count rejects
   pasta train sft            fine-tune on annotated answers (LoRA by default), or the sequential baseline
   pasta eval                 sequential vs PASTA vs Skeleton-of-Thought: speed, quality, reports and a plot
+  pasta serve                an OpenAI-compatible HTTP server with continuous batching across requests
 """
 
 from __future__ import annotations
@@ -76,7 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(g)
     _train_parsers(sub)
     _eval_parser(sub)
+    _serve_parser(sub)
     return p
+
+
+def _serve_parser(sub) -> None:
+    v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    v.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    v.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    v.add_argument("--adapter", default="auto", help="as in `pasta generate`")
+    v.add_argument("--served-name", help="model id clients ask for (default: the model's name)")
+    v.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_int_at_least(0), default=8000, help="port (0: any free port)")
+    v.add_argument("--api-key", help="require this key (default: $PASTA_API_KEY; none when unset)")
+    v.add_argument("--system", help="system message added when a request has none")
+    v.add_argument("--max-running", type=_positive_int, default=16, help="requests decoded together")
+    v.add_argument("--max-queue", type=_nonneg_int, default=64, help="requests waiting; past this, 429")
+    v.add_argument("--max-tokens-limit", type=_positive_int, default=2048, help="largest max_tokens accepted")
+    v.add_argument("--max-prompt-tokens", type=_positive_int, default=4096)
+    v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _decoding_args(v)
 
 
 def _decoding_args(g) -> None:
@@ -366,6 +387,36 @@ def evaluate(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from .engine import Engine
+    from .models import load
+    from .serve.app import ServeConfig, create_app
+
+    api_key = args.api_key or os.environ.get("PASTA_API_KEY") or None
+    loaded = load(args.model, args.dtype, args.adapter)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+    cfg = ServeConfig(model_id=args.served_name or loaded.name, defaults=_decoding_config(args), system=args.system,
+                      max_running=args.max_running, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                      max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise ValueError(f"--host/--port: cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    host, port = sock.getsockname()[:2]
+    # one line a supervisor (or a test) can read; it never shows the key
+    print(json.dumps({"serving": cfg.model_id, "url": f"http://{host}:{port}/v1", "api_key": bool(api_key)}),
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), log_level=args.log_level, lifespan="on"))
+    server.run(sockets=[sock])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here by default; HF_HUB_OFFLINE=0 opts back in
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -375,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"generate": generate, "answers": answers, "annotate": annotate, "train": train,
-                    "eval": evaluate}
+                    "eval": evaluate, "serve": serve}
         return commands[args.command](args)
     except (ModelError, ValueError, TeacherError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)

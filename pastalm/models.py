@@ -158,13 +158,19 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """Token ids of a user prompt under the tokenizer's chat template (plain text when it has none)."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty; give some text (or '-' to read it from stdin)")
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return chat_messages(tokenizer, msgs)
+
+
+def chat_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation (`role`, `content` dicts) under the chat template, ready for the assistant's
+    turn; without a template, the contents joined by newlines."""
     if getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)
-    return list(tokenizer.encode(prompt))
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
 
 
 def stop_ids(model, tokenizer) -> set[int]:

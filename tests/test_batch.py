@@ -71,10 +71,12 @@ def test_cancel_frees_the_cache_and_the_others_go_on(model, tokenizer):
     for _ in range(6):
         b.step()
     slots_before = b.cache.num_slots
+    cancelled_slots = sum(t.num_fed for t in reqs[1].interp.threads)
     b.cancel(reqs[1])
     assert reqs[1].result.limits_hit == ["cancelled"] and reqs[1].result.text  # its text so far is kept
-    dropped = b.cache.compact(b.active)
-    assert dropped > 0 and b.cache.num_slots == slots_before - dropped
+    assert b.cache.num_slots == slots_before - cancelled_slots  # freed at once
+    assert b.cache.num_slots == sum(t.num_fed for r in b.active for t in r.interp.threads)
+    assert b.cache.cache.layers[0].keys.shape[-2] == b.cache.num_slots
     live_cols = {c for r in b.active for c in r.columns.values()}
     assert set(b.cache.slot_column.tolist()) <= live_cols and b.cache.num_columns == len(live_cols)
     while b.active:

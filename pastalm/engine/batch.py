@@ -79,7 +79,7 @@ class Batcher:
             req.cancelled = True
             req.interp.stop("cancelled")
             self._finish(req)
-        self._collect()
+        self._collect(free=True)
 
     @property
     def live_threads(self) -> int:
@@ -162,18 +162,18 @@ class Batcher:
         )
         return req
 
-    def _collect(self) -> None:
-        """Forget finished requests; drop their cache slots once they are most of the cache."""
+    def _collect(self, free: bool = False) -> None:
+        """Forget finished requests; drop their cache slots once they are most of the cache (or now: `free`)."""
         before = len(self.active)
         self.active = [r for r in self.active if not r.done]
-        if len(self.active) == before:
+        if len(self.active) == before and not free:
             return
         if not self.active:
-            self.cache = SharedCache(self.engine.model)
+            if self.cache.num_slots:
+                self.cache = SharedCache(self.engine.model)
             return
-        live = sum(len(r.interp.threads[0].tokens) + sum(len(t.tokens) for t in r.interp.threads[1:])
-                   for r in self.active)
-        if self.cache.num_slots - live > max(256, live):
+        live = sum(t.num_fed for r in self.active for t in r.interp.threads)
+        if free or self.cache.num_slots - live > max(256, live):
             self.cache.compact(self.active)
 
 

@@ -1,0 +1,1 @@
+"""`pasta serve`: an OpenAI-compatible server with continuous batching (see app.py)."""

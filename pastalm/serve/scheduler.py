@@ -1,0 +1,169 @@
+"""The serving loop: one thread owns the engine's `Batcher` and steps it while any request is live.
+
+HTTP handlers (on the asyncio loop) `submit` jobs and `cancel` them; the loop thread admits waiting jobs between
+steps (up to `max_running` at once), runs one forward pass for every live thread of every running request, and
+sends each job its text deltas and its final result through the job's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..engine import Engine, GenerateConfig
+
+
+class Busy(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class Closed(Exception):
+    """The server is shutting down (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    """One request as the serving loop sees it. Events on `queue`: ("text", delta), ("done", Result),
+    ("error", message)."""
+
+    prompt_ids: list[int]
+    config: GenerateConfig
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_text: float | None = None
+    request: object = None  # the Batcher's Request once admitted
+    id: int = field(default_factory=itertools.count().__next__)
+
+    def emit(self, kind: str, payload) -> None:
+        if kind == "text" and self.first_text is None:
+            self.first_text = time.perf_counter()
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+
+class Scheduler:
+    """Continuous batching of requests on one engine, in a background thread."""
+
+    def __init__(self, engine: Engine, max_running: int = 16, max_queue: int = 64, metrics=None):
+        self.engine = engine
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.batcher = engine.batcher()
+        self.cond = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.cancels: list[Job] = []
+        self.jobs: dict[int, Job] = {}  # Batcher request id -> job
+        self.stopping = False
+        self.in_flight = 0  # submitted and not yet answered
+        self.thread = threading.Thread(target=self._run, name="pasta-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+
+    # -- called from the HTTP side ----------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise Closed("the server is shutting down")
+            if self.in_flight >= self.max_running + self.max_queue:
+                raise Busy(f"the server is busy: {self.in_flight} requests in flight ({self.max_running} decoded "
+                           f"at once, {self.max_queue} may wait); retry later")
+            self.in_flight += 1
+            self.waiting.append(job)
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        with self.cond:
+            self.cancels.append(job)
+            self.cond.notify_all()
+
+    def state(self) -> dict:
+        with self.cond:
+            return {"running": len(self.batcher.active), "queued": len(self.waiting),
+                    "live_threads": self.batcher.live_threads, "cache_slots": self.batcher.cache.num_slots}
+
+    # -- the loop thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.stopping or self.waiting or self.cancels or self.batcher.active):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                cancels, self.cancels = self.cancels, []
+                for job in cancels:
+                    if job in self.waiting:
+                        self.waiting.remove(job)
+                        self.in_flight -= 1
+                admit = []
+                while self.waiting and len(self.batcher.active) + len(admit) < self.max_running:
+                    admit.append(self.waiting.popleft())
+            try:
+                self._cancel(cancels)
+                for job in admit:
+                    job.request = self.batcher.add(job.prompt_ids, job.config,
+                                                   on_text=lambda s, j=job: j.emit("text", s))
+                    self.jobs[job.request.id] = job
+                if self.batcher.active:
+                    finished = self.batcher.step()
+                    if self.metrics is not None:
+                        self.metrics.step()
+                    for req in finished:
+                        self._done(req)
+                self._gauges()
+            except Exception as e:  # a bug must not take the server down: fail the live requests, start clean
+                traceback.print_exc()
+                for req in list(self.batcher.active):
+                    job = self.jobs.pop(req.id, None)
+                    if job is not None:
+                        self._release()
+                        job.emit("error", f"internal error while decoding: {type(e).__name__}: {e}")
+                self.batcher = self.engine.batcher()
+        for job in list(self.waiting) + [self.jobs[r.id] for r in self.batcher.active if r.id in self.jobs]:
+            job.emit("error", "the server is shutting down")
+
+    def _cancel(self, cancels: list[Job]) -> None:
+        for job in cancels:
+            req = job.request
+            if req is not None and not req.done:
+                self.batcher.cancel(req)
+                if self.jobs.pop(req.id, None) is not None:
+                    self._release()
+                if self.metrics is not None:
+                    self.metrics.cancelled()
+                job.emit("done", req.result)
+
+    def _done(self, req) -> None:
+        job = self.jobs.pop(req.id, None)
+        if job is None:
+            return
+        self._release()
+        if self.metrics is not None:
+            self.metrics.finished(req.result, job)
+        job.emit("done", req.result)
+
+    def _release(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.gauges(len(self.batcher.active), len(self.waiting), self.batcher.live_threads,
+                                self.batcher.cache.num_slots)

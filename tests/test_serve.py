@@ -1,0 +1,261 @@
+"""`pasta serve` as a real server process on 127.0.0.1, spoken to with the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-0123456789abcdef"
+
+
+class Reply:
+    def __init__(self, status: int, body: bytes):
+        self.status_code, self.body = status, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http(method: str, url: str, json_body=None, content: bytes | None = None, timeout: float = 30) -> Reply:
+    """Plain HTTP (standard library) for what the openai client would not send."""
+    data = json.dumps(json_body).encode() if json_body is not None else content
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Reply(r.status, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, e.read())
+
+
+def get(url: str) -> Reply:
+    return http("GET", url)
+
+
+def start(folder, *extra, env=None):
+    """Start `pasta serve` on a free port; return (process, base url). The first stdout line says where."""
+    cmd = [sys.executable, "-m", "pastalm.cli", "serve", "--model", str(folder), "--dtype", "fp32", "--port", "0",
+           "--served-name", "tiny", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("pasta serve did not start: " + proc.stderr.read())
+    info = json.loads(line)
+    url = info["url"].rsplit("/v1", 1)[0]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if get(url + "/health").status_code == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("pasta serve did not answer /health: " + proc.stderr.read())
+        time.sleep(0.1)
+    return proc, url, info
+
+
+def stop(proc) -> str:
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-serve")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    proc, url, info = start(folder, "--max-tokens-limit", "1000", "--max-new-tokens", "24")
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def client(url, key="none"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(c, prompt, **kw):
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], **kw)
+    return r
+
+
+def test_models_health_chat_and_completion(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = ask(c, "Give three tips to sleep better.", max_tokens=16)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage.model_dump()
+    assert u["completion_tokens"] >= 1 and {"decode_steps", "threads", "theoretical_speedup"} <= set(u)
+    assert u["decode_steps"] >= 1
+    t = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8)
+    assert t.object == "text_completion" and t.usage.completion_tokens >= 1
+    # the same prompt again gives the same greedy answer
+    assert ask(c, "Give three tips to sleep better.", max_tokens=16).choices[0].message.content == \
+        r.choices[0].message.content
+    h = get(server + "/health").json()
+    assert h["status"] == "ok" and h["model"] == "tiny"
+
+
+def test_streaming_equals_non_streaming(server):
+    c = client(server)
+    kw = dict(max_tokens=30, temperature=0.9, seed=7)
+    whole = ask(c, "Compare apples and oranges.", **kw)
+    parts, usage, finish = [], None, None
+    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Compare apples and "
+                                                                                          "oranges."}],
+                                        stream=True, **kw):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+        usage = ch.usage or usage
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.model_dump()["decode_steps"] == whole.usage.model_dump()["decode_steps"]
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="Once upon a time",
+                                                                       max_tokens=20, stream=True) if ch.choices)
+    assert text == c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20).choices[0].text
+
+
+def test_eight_concurrent_requests_all_finish_with_their_own_answers(server):
+    c = client(server)
+    prompts = [f"Question number {i}: tell me something about {w}." for i, w in
+               enumerate(["cats", "dogs", "rain", "tea", "maps", "ships", "bread", "stars"])]
+    alone = {p: ask(c, p, max_tokens=20).choices[0].message.content for p in prompts}
+    got: dict[str, str] = {}
+    errors = []
+    start_gate = threading.Barrier(len(prompts))
+
+    def run(p):
+        try:
+            start_gate.wait()
+            got[p] = ask(client(server), p, max_tokens=20).choices[0].message.content
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == alone
+    metrics = get(server + "/metrics").text
+    assert "pasta_decode_steps_total" in metrics and "pasta_theoretical_speedup_bucket" in metrics
+
+
+def test_cancelled_stream_frees_its_request(server):
+    c = client(server)
+    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a long story."}],
+                                       max_tokens=1000, stream=True)
+    seen = 0
+    for ch in stream:
+        seen += 1
+        if seen == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while True:
+        h = get(server + "/health").json()
+        if h["running"] == 0 and h["queued"] == 0 and h["cache_slots"] == 0:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    metrics = get(server + "/metrics").text
+    cancelled = [line for line in metrics.splitlines() if line.startswith("pasta_cancelled_requests_total")]
+    assert cancelled and float(cancelled[0].split()[-1]) >= 1
+    assert ask(c, "Still there?", max_tokens=4).choices  # and it goes on serving
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "   "}]}, 400, "empty"),
+    ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400,
+     "at most 1000"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "pasta": {"max_threads": "x"}}, 400,
+     "pasta.max_threads"),
+])
+def test_bad_requests_get_openai_style_errors(server, body, status, message):
+    r = http("POST", server + "/v1/chat/completions", json_body=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"]
+    assert get(server + "/health").json()["status"] == "ok"
+
+
+def test_bad_requests_through_the_client_and_then_a_good_one(server):
+    c = client(server)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny", prompt="")
+    r = http("POST", server + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and "error" in r.json()
+    r = http("POST", server + "/v1/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413
+    assert ask(c, "hi", max_tokens=3).choices[0].message.content is not None
+
+
+def test_sequential_option_and_raw(server):
+    c = client(server)
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tips?"}], max_tokens=12,
+                                  extra_body={"pasta": {"enabled": False}, "raw": True})
+    assert r.usage.model_dump()["threads"] == 0 and r.choices[0].message.content is not None
+
+
+def test_api_key_and_queue_limit(folder):
+    proc, url, info = start(folder, "--max-running", "1", "--max-queue", "0", env={"PASTA_API_KEY": KEY})
+    try:
+        assert info["api_key"] is True and KEY not in json.dumps(info)
+        with pytest.raises(openai.AuthenticationError):
+            ask(client(url, "wrong"), "hi", max_tokens=2)
+        good = client(url, KEY)
+        assert ask(good, "hi", max_tokens=2).choices
+        # one request decoding, none may wait: a second one is turned away with 429 and a clear message
+        stream = good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go on."}],
+                                              max_tokens=1000, stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(good, "me too", max_tokens=2)
+        assert "busy" in str(e.value)
+        stream.close()
+    finally:
+        err = stop(proc)
+    assert KEY not in err

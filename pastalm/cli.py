@@ -207,6 +207,35 @@ def _train_parsers(sub) -> None:
                    help="leave out answers the base model did not finish (hit its token limit)")
     s.add_argument("--system", help="system message for the chat template")
 
+    f = tsub.add_parser("prefer", help="stage 2: preference optimization on speed and quality (BoNBoN), in rounds")
+    f.add_argument("--from", dest="from_adapter", required=True,
+                   help="the stage-1 PASTA adapter to start from: a folder from `pasta train sft`, or 'pasta'")
+    f.add_argument("--output", type=Path, required=True, help="folder for samples, pairs, adapters, statistics")
+    f.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
+    f.add_argument("--baseline-adapter", default="baseline",
+                   help="model of the sequential reference answers (the quality reference)")
+    f.add_argument("--model", help="base model (default: bundled SmolLM2-135M-Instruct)")
+    f.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    f.add_argument("--samples", type=_int_at_least(2), default=4, help="answers sampled per prompt")
+    f.add_argument("--lambdas", default="1,2,4,8,inf", help="speed/quality knobs: score = speedup + lambda*quality")
+    f.add_argument("--rounds", type=_positive_int, default=1, help="rounds; each samples with the newest model")
+    f.add_argument("--judge", default="proxy", choices=["proxy"], help="quality judge (see pasta eval)")
+    f.add_argument("--temperature", type=_nonneg_float, default=0.8)
+    f.add_argument("--top-p", type=_probability, default=0.95)
+    f.add_argument("--max-new-tokens", type=_positive_int, default=320)
+    f.add_argument("--batch-requests", type=_positive_int, default=16, help="requests decoded together")
+    f.add_argument("--alpha", type=_probability, default=0.5, help="weight of the winner's likelihood term")
+    f.add_argument("--beta", type=float, default=0.1, help="IPO target margin 1/(2 beta)")
+    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--epochs", type=float, default=1.0)
+    f.add_argument("--batch-size", type=_positive_int, default=2, help="pairs per micro-batch")
+    f.add_argument("--grad-accum", type=_positive_int, default=2)
+    f.add_argument("--max-length", type=_positive_int, default=640)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--limit", type=_positive_int, help="only the first N prompts")
+    f.add_argument("--per-category", type=_positive_int, help="only the first N prompts of each category")
+    f.add_argument("--system", help="system message for the chat template")
+
 
 def answers(args) -> int:
     from .models import load
@@ -242,10 +271,46 @@ def annotate(args) -> int:
     return 0
 
 
+def _lambdas(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            v = float("inf") if part in ("inf", "infinity") else float(part)
+        except ValueError:
+            v = -1.0
+        if not v >= 0:
+            raise ValueError(f"--lambdas: expected numbers >= 0 or 'inf', got {part!r}")
+        out.append(v)
+    if not out:
+        raise ValueError("--lambdas: give at least one value")
+    return out
+
+
+def prefer(args) -> int:
+    from .train.prefer import PreferConfig, run_prefer
+
+    if args.beta <= 0:
+        raise ValueError("--beta must be > 0")
+    cfg = PreferConfig(output=str(args.output), from_adapter=args.from_adapter, prompts=args.prompts,
+                       baseline_adapter=args.baseline_adapter, model=args.model, dtype=args.dtype,
+                       samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge=args.judge,
+                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                       batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, lr=args.lr,
+                       epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       max_length=args.max_length, seed=args.seed, limit=args.limit,
+                       per_category=args.per_category, system=args.system)
+    stats = run_prefer(cfg)
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
 def train(args) -> int:
     from .models import load
     from .train.sft import SFTConfig, train_sft
 
+    if args.stage == "prefer":
+        return prefer(args)
     cfg = SFTConfig(data=str(args.data), output=str(args.output), sequential=args.sequential, full=args.full,
                     epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,

@@ -1,0 +1,128 @@
+"""Stage 2 (BoNBoN): the loss against hand computation, pair building, one tiny round, and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pastalm.eval.judges import Verdict
+from pastalm.lang.layout import IGNORE
+from pastalm.train import prefer as prefer_module
+from pastalm.train.prefer import PreferConfig, bonbon_loss, build_pairs, run_prefer, sequence_logps
+
+
+def test_bonbon_loss_by_hand():
+    # pair 1: h = (-10 - -11) - (-12 - -11) = 2; target 1/(2*0.25) = 2 -> IPO 0; loss = 0.5 * 2.0 = 1.0
+    # pair 2: h = (-5 - -5) - (-6 - -5) = 1; IPO (1 - 2)^2 = 1; loss = 0.5 * 3.0 + 0.5 * 1 = 2.0
+    loss = bonbon_loss(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -6.0]), torch.tensor([-11.0, -5.0]),
+                       torch.tensor([-11.0, -5.0]), torch.tensor([2.0, 3.0]), alpha=0.5, beta=0.25)
+    assert loss.item() == pytest.approx((1.0 + 2.0) / 2)
+    # alpha 1: likelihood only; alpha 0: IPO only
+    one = bonbon_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]),
+                      torch.tensor([1.5]), alpha=1.0, beta=0.5)
+    zero = bonbon_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]),
+                       torch.tensor([1.5]), alpha=0.0, beta=0.5)
+    assert one.item() == pytest.approx(1.5) and zero.item() == pytest.approx(1.0)
+
+
+def test_sequence_logps_sum_the_labelled_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[1, IGNORE, 3, IGNORE], [IGNORE, IGNORE, IGNORE, 4]])
+    total, nll = sequence_logps(logits, labels)
+    lp = torch.log_softmax(logits, -1)
+    assert total[0].item() == pytest.approx((lp[0, 0, 1] + lp[0, 2, 3]).item(), abs=1e-6)
+    assert total[1].item() == pytest.approx(lp[1, 3, 4].item(), abs=1e-6)
+    assert nll[0].item() == pytest.approx(-total[0].item() / 2, abs=1e-6)
+
+
+def s(pid, k, speed, quality, valid=True, raw=None):
+    return {"id": pid, "prompt": f"prompt {pid}", "sample": k, "theoretical_speedup": speed, "quality": quality,
+            "valid": valid, "raw": raw if raw is not None else f"{pid}-{k}"}
+
+
+def test_pairs_best_against_worst_with_ties_and_invalid_samples():
+    samples = [
+        s("a", 0, 1.0, 0.9), s("a", 1, 2.0, 0.5), s("a", 2, 3.0, 0.1, valid=False),  # invalid: loses, never wins
+        s("b", 0, 1.5, 0.5), s("b", 1, 1.5, 0.5),  # a tie: skipped
+        s("c", 0, 4.0, 0.9, valid=False), s("c", 1, 3.0, 0.9, valid=False),  # no valid sample: skipped
+        s("d", 0, 1.2, 0.7),  # one sample: skipped
+        s("e", 0, 1.0, 0.4, raw="same"), s("e", 1, 1.0, 0.6, raw="same"),  # same text: skipped as a tie
+    ]
+    pairs, st = build_pairs(samples, lam=1.0)
+    assert [(p["id"], p["winner_sample"], p["loser_sample"]) for p in pairs] == [("a", 1, 2)]
+    assert st == {"prompts": 5, "pairs": 1, "skipped_tie": 2, "skipped_no_valid": 1, "skipped_single": 1,
+                  "invalid_samples": 3}
+    # with lambda = 4 quality weighs more: a/0 (1.0 + 3.6 = 4.6) beats a/1 (2.0 + 2.0 = 4.0)
+    pairs, _ = build_pairs(samples, lam=4.0)
+    assert pairs[0]["winner_sample"] == 0
+    # lambda = inf: quality first, speed breaks ties
+    pairs, _ = build_pairs([s("x", 0, 1.0, 0.8), s("x", 1, 3.0, 0.8), s("x", 2, 5.0, 0.2)], lam=math.inf)
+    assert (pairs[0]["winner_sample"], pairs[0]["loser_sample"]) == (1, 2)
+
+
+class LengthJudge:
+    """A deterministic stand-in judge for the tiny model's random text: quality from the answer's length."""
+
+    name, pairwise = "length", False
+
+    def judge(self, instruction, reference, candidate):
+        return Verdict((len(candidate.text) % 11) / 10, {})
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(folder)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "stage1")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "category": "tips"}) + "\n"
+                               for i, p in enumerate(["Give tips.", "List fruits.", "Compare cats and dogs."])))
+    return folder, tmp_path / "stage1", prompts
+
+
+def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    folder, stage1, prompts = tiny_setup
+    cfg = PreferConfig(output=str(tmp_path / "out"), from_adapter=str(stage1), prompts=str(prompts),
+                       baseline_adapter="none", model=str(folder), dtype="fp32", samples=3, lambdas=[1.0],
+                       rounds=1, temperature=1.0, top_p=1.0, max_new_tokens=16, batch_requests=9, lr=1e-2,
+                       batch_size=1, grad_accum=1)
+    stats = run_prefer(cfg, progress=False, judge=LengthJudge())
+    st = stats["lambda-1/round-1"]
+    assert st["pairs"] >= 1 and st["steps"] == st["pairs"] and all(math.isfinite(x) for x in st["last_losses"])
+    out = tmp_path / "out"
+    samples = [json.loads(line) for line in (out / "round-1-samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 9 and {x["sample"] for x in samples} == {0, 1, 2}
+    assert len({x["raw"] for x in samples if x["id"] == "p0"}) > 1  # different seeds, different answers
+    before = load_file(str(stage1 / "adapter_model.safetensors"))
+    after = load_file(str(out / "lambda-1" / "round-1" / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # every LoRA weight moved
+    round_log = json.loads((out / "lambda-1" / "round-1" / "round.json").read_text())
+    assert len(round_log["history"]) == st["steps"] and "loss" in round_log["history"][0]
+
+    # resuming: nothing is sampled or trained again
+    def boom(*a, **k):
+        raise AssertionError("resumed run redid work")
+
+    monkeypatch.setattr(prefer_module, "train_pairs", boom)
+    monkeypatch.setattr(prefer_module, "sample_answers", boom)
+    monkeypatch.setattr(prefer_module, "reference_answers", lambda *a, **k: {})
+    assert run_prefer(cfg, progress=False, judge=LengthJudge()) == stats
+    # other settings in the same folder are refused
+    cfg.temperature = 0.5
+    with pytest.raises(ValueError, match="other settings"):
+        run_prefer(cfg, progress=False, judge=LengthJudge())

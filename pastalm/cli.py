@@ -130,7 +130,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes)")
     e.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     e.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    e.add_argument("--adapter", default="auto", help="adapter of the pasta mode (as in `pasta generate`)")
+    e.add_argument("--adapter", default="auto",
+                   help="adapter of the pasta mode (as in `pasta generate`); several, comma-separated as "
+                        "LABEL=ADAPTER, give one mode pasta:LABEL each (a frontier in one run)")
     e.add_argument("--baseline-adapter", default="auto",
                    help="adapter of the sequential and sot modes: 'auto' (the shipped baseline adapter on the "
                         "bundled model, none on others), 'baseline', 'none' or a folder")
@@ -410,6 +412,23 @@ def _judge(args):
     return HFJudge(j.model, j.tokenizer)
 
 
+def _labelled_adapters(text: str) -> dict[str, str]:
+    """`--adapter A` or `--adapter LABEL=A,LABEL2=B,...` (a label defaults to the folder's name)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        label, _, adapter = part.rpartition("=")
+        adapter = adapter.strip()
+        label = label.strip() or Path(adapter).name or adapter
+        if label in out:
+            raise ValueError(f"--adapter: the label {label!r} is used twice; write LABEL=ADAPTER")
+        out[label] = adapter
+    if not out:
+        raise ValueError("--adapter: give an adapter")
+    return out
+
+
 def evaluate(args) -> int:
     from .engine import Engine
     from .eval.harness import EvalConfig, run_eval
@@ -417,9 +436,14 @@ def evaluate(args) -> int:
     from .models import load, resolve_adapter
     from .train.prompts import load_prompts
 
-    cfg = EvalConfig(modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-                     generate=_decoding_config(args), system=args.system, efficiency=not args.no_efficiency,
-                     sot_skeleton_tokens=args.sot_skeleton_tokens, sot_point_tokens=args.sot_point_tokens)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    adapters = _labelled_adapters(args.adapter)
+    if len(adapters) > 1 and "pasta" in modes:  # one pasta mode per adapter
+        i = modes.index("pasta")
+        modes[i:i + 1] = [f"pasta:{label}" for label in adapters]
+    cfg = EvalConfig(modes=modes, generate=_decoding_config(args), system=args.system,
+                     efficiency=not args.no_efficiency, sot_skeleton_tokens=args.sot_skeleton_tokens,
+                     sot_point_tokens=args.sot_point_tokens)
     prompts = stratified(load_prompts(args.prompts), args.per_category)[: args.limit]
     if not prompts:
         raise ValueError(f"--prompts {args.prompts}: no prompts to evaluate")
@@ -427,17 +451,21 @@ def evaluate(args) -> int:
     base_adapter = args.baseline_adapter
     if base_adapter == "auto":
         base_adapter = "baseline" if resolve_adapter("auto", args.model) is not None else "none"
-    roles = {"pasta": args.adapter, "base": base_adapter}
-    cache, by_role = {}, {}
-    for role, adapter in roles.items():
-        if role == "pasta" and "pasta" not in cfg.modes:
-            continue
+    wanted = {"sequential": base_adapter, "sot": base_adapter}
+    if len(adapters) == 1:
+        wanted["pasta"] = next(iter(adapters.values()))
+    else:
+        wanted.update({f"pasta:{label}": a for label, a in adapters.items()})
+    cache, engines = {}, {}
+    for mode in cfg.modes:
+        if mode not in wanted:
+            raise ValueError(f"--modes: {mode} names no adapter; pass --adapter LABEL=ADAPTER,... for pasta:LABEL")
+        adapter = wanted[mode]
         key = resolve_adapter(adapter, args.model)
         if key not in cache:  # the same weights twice are loaded once
             m = load(args.model, args.dtype, adapter)
             cache[key] = Engine(m.model, m.tokenizer, m.name)
-        by_role[role] = cache[key]
-    engines = {mode: by_role["pasta" if mode == "pasta" else "base"] for mode in cfg.modes}
+        engines[mode] = cache[key]
     for mode, eng in engines.items():
         print(f"{mode}: {eng.name}", file=sys.stderr)
     summary = run_eval(prompts, engines, cfg, args.out, judge, progress=not args.quiet)

@@ -375,3 +375,28 @@ def test_eval_bad_settings_are_one_clear_line(folder, tmp_path, capsys, extra, m
     assert main(["eval", "--prompts", str(src), "--out", str(tmp_path / "o"), "--model", str(folder), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_several_adapters_are_one_mode_each(folder, tmp_path, capsys):
+    """A frontier in one run: --adapter LABEL=A,LABEL=B gives modes pasta:LABEL, each with its own model."""
+    from peft import LoraConfig, get_peft_model
+
+    from pastalm.cli import main
+    from pastalm.testing import tiny_model
+
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=512, target_modules=["v_proj", "o_proj"],
+                                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "lora")
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps(PROMPTS[0]) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--prompts", str(src), "--out", str(out), "--model", str(folder), "--modes",
+                 "sequential,pasta", "--adapter", f"plain=none,tuned={tmp_path / 'lora'}", "--judge", "none",
+                 "--max-new-tokens", "12", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["mode"] for r in rows) == ["pasta:plain", "pasta:tuned", "sequential"]
+    by = {r["mode"]: r for r in rows}
+    assert by["pasta:plain"]["answer"] == by["sequential"]["answer"]  # same weights, greedy, nothing forked
+    assert by["pasta:tuned"]["model"].endswith("+lora") and by["pasta:tuned"]["answer"] != by["sequential"]["answer"]
+    per = json.loads((out / "summary.json").read_text())["groups"]["all"]
+    assert set(per) == {"sequential", "pasta:plain", "pasta:tuned"}

@@ -31,6 +31,11 @@ from .speed import geomean, machine, timestamp, validity
 MODES = ("sequential", "pasta", "sot")
 
 
+def is_pasta(mode: str) -> bool:
+    """`pasta`, or `pasta:LABEL` when several PASTA adapters are compared in one run."""
+    return mode == "pasta" or mode.startswith("pasta:")
+
+
 @dataclass
 class EvalConfig:
     """Settings of one evaluation run (saved in summary.json)."""
@@ -43,7 +48,7 @@ class EvalConfig:
     sot_point_tokens: int = 60
 
     def __post_init__(self):
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if m not in MODES and not (is_pasta(m) and len(m) > 6)]
         if bad or not self.modes:
             raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
         if "sequential" not in self.modes:
@@ -63,7 +68,7 @@ def _record(p: dict, mode: str, model: str, res) -> dict:
     d.pop("model", None)
     d.pop("mode", None)
     rec.update(d)
-    if mode == "pasta":
+    if is_pasta(mode):
         rec.update(validity(rec["raw"], rec["threads"]))
     return rec
 
@@ -90,7 +95,7 @@ def generate_all(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfi
             ids = chat_prompt(eng.tokenizer, p["prompt"], cfg.system)
             if mode == "sequential":
                 rec = _record(p, mode, eng.name, eng.generate(ids, seq_cfg))
-            elif mode == "pasta":
+            elif is_pasta(mode):
                 res = eng.generate(ids, replace(cfg.generate, sequential=False))
                 rec = _record(p, mode, eng.name, res)
                 if cfg.efficiency and res.threads > 0:
@@ -162,7 +167,7 @@ def summarize_mode(mode: str, rows: list[tuple[dict, dict]], judgments: dict, ju
         "wall_s_mean": sum(r["wall_s"] for r in recs) / n,
         "limits_hit": sum(bool(r["limits_hit"]) for r in recs),
     })
-    if mode == "pasta":
+    if is_pasta(mode):
         s["with_valid_promise"] = sum(bool(r.get("valid_promise")) for r in recs) / n
     if mode == "sot":
         s["sot_fallback"] = sum(bool(r.get("fallback")) for r in recs) / n

@@ -44,11 +44,13 @@ class SharedCache:
     @torch.inference_mode()
     def forward(self, feeds: list[tuple[object, Feed]]) -> torch.Tensor:
         """Append every feed's tokens; return logits (len(feeds), V) at each feed's last token."""
-        ids, positions, cols, index, last, rows = [], [], [], [], [], []
-        for req, f in feeds:
+        for req, f in feeds:  # every column first, so that all view rows have the same width
             for t in range(len(f.span.view)):
                 self.column(req, t)
-            col = self.column(req, f.thread)
+            self.column(req, f.thread)
+        ids, positions, cols, index, last, rows = [], [], [], [], [], []
+        for req, f in feeds:
+            col = req.columns[f.thread]
             base = [0] * self.num_columns
             for t, v in enumerate(f.span.view):
                 base[req.columns[t]] = v
@@ -61,9 +63,7 @@ class SharedCache:
             cols += [col] * len(f.ids)
             index += range(f.span.start, f.span.start + len(f.ids))
             last.append(len(ids) - 1)
-        views = torch.zeros((len(rows), self.num_columns), dtype=torch.long)
-        for q, row in enumerate(rows):
-            views[q, : len(row)] = torch.tensor(row)
+        views = torch.tensor(rows, dtype=torch.long)  # (Q, columns)
         self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
         self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
         mask = additive_mask(visibility(views, self.slot_column, self.slot_index), self.dtype)

@@ -273,28 +273,41 @@ def report_md(summary: dict, title: str = "pasta eval") -> str:
     return "\n".join(lines)
 
 
-def pareto_png(summary: dict, path: Path, group: str = "all") -> None:
-    """Quality against wall-clock speedup, one point per mode (sequential at 1.0x)."""
+def pareto_png(summary: dict, path: Path) -> None:
+    """Quality against wall-clock speedup, one point per mode (sequential at 1.0x): one panel for all prompts and,
+    when the prompts have labels, one for the parallelizable ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per = summary["groups"].get(group) or next(iter(summary["groups"].values()))
+    groups = [g for g in ("all", "parallel") if g in summary["groups"]] or list(summary["groups"])[:1]
     pairwise = summary["judge"] in ("openai", "hf")
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for mode, s in per.items():
-        x = 1.0 if mode == "sequential" else s.get("wall_speedup_gmean")
-        y = s.get("quality")
-        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
-            continue
-        ax.scatter([x], [y], s=60)
-        ax.annotate(f"{mode}\n({s.get('model', '')})", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("wall-clock speedup over sequential (geometric mean)")
-    ax.set_ylabel("win rate vs sequential" if pairwise else f"quality ({summary['judge'] or 'none'} score)")
-    ax.set_title(f"pasta eval: {group} prompts ({per[next(iter(per))]['prompts']})")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        per = summary["groups"][group]
+        xs = []
+        for mode, s in per.items():
+            x = 1.0 if mode == "sequential" else s.get("wall_speedup_gmean")
+            y = s.get("quality")
+            if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+                continue
+            xs.append(x)
+            model = str(s.get("model", ""))
+            label = mode + (f"\n({model.split('+', 1)[1]})" if "+" in model else "")
+            ax.scatter([x], [y], s=60, zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if xs:
+            lo, hi = min(xs + [1.0]), max(xs + [1.0])
+            pad = max(0.1, 0.25 * (hi - lo))
+            ax.set_xlim(lo - pad, hi + 2 * pad)
+        ax.margins(y=0.15)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("wall-clock speedup over sequential (geometric mean)")
+        ax.set_ylabel("win rate vs sequential" if pairwise else f"quality ({summary['judge'] or 'none'} score)")
+        n = next(iter(per.values()))["prompts"]
+        ax.set_title(f"{group} prompts ({n})")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -128,8 +128,9 @@ def main(argv=None) -> None:
 Written by `python bench/stage1.py` ({info['when']}); raw numbers in `bench/results/stage1.json`.
 
 - Machine: {info['processor']}, {info['threads']} torch threads, torch {info['torch']}, CPU only.
-- PASTA model: `{a.name}`, asynchronous decoding. Baseline: `{b.name}` (same answers, tags removed, same
-  training recipe), sequential decoding. Both {args.dtype}, greedy, max {cfg.max_new_tokens} new tokens, measured
+- PASTA model: `{a.name}`, asynchronous decoding. Baseline: `{b.name}` (the same answers with their tags
+  removed, LoRA on the same layers, but one epoch against the PASTA adapter's three: see docs/training.md),
+  sequential decoding. Both {args.dtype}, greedy, max {cfg.max_new_tokens} new tokens, measured
   prompt by prompt in the same process, alternating which runs first.
 - Prompts: the shipped evaluation set, {info['prompts']}.
 - Theoretical speedup counts tag tokens as generated tokens; wall-clock speedup is the baseline's time for its

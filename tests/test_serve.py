@@ -177,7 +177,7 @@ def test_eight_concurrent_requests_all_finish_with_their_own_answers(server):
 def test_cancelled_stream_frees_its_request(server):
     c = client(server)
     stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a long story."}],
-                                       max_tokens=1000, stream=True)
+                                       max_tokens=1000, stream=True, extra_body={"ignore_eos": True})
     seen = 0
     for ch in stream:
         seen += 1
@@ -238,6 +238,11 @@ def test_sequential_option_and_raw(server):
     r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tips?"}], max_tokens=12,
                                   extra_body={"pasta": {"enabled": False}, "raw": True})
     assert r.usage.model_dump()["threads"] == 0 and r.choices[0].message.content is not None
+    short = ask(c, "Go on.", max_tokens=40)  # the tiny model stops early on this one ...
+    long = ask(c, "Go on.", max_tokens=40, extra_body={"ignore_eos": True})  # ... unless EOS is ignored
+    assert short.usage.completion_tokens < 40 and short.choices[0].finish_reason == "stop"
+    assert long.usage.completion_tokens == 40 and long.choices[0].finish_reason == "length"
+    assert long.choices[0].message.content.startswith(short.choices[0].message.content)
 
 
 def test_api_key_and_queue_limit(folder):
@@ -250,7 +255,7 @@ def test_api_key_and_queue_limit(folder):
         assert ask(good, "hi", max_tokens=2).choices
         # one request decoding, none may wait: a second one is turned away with 429 and a clear message
         stream = good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go on."}],
-                                              max_tokens=1000, stream=True)
+                                              max_tokens=1000, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
         with pytest.raises(openai.RateLimitError) as e:
             ask(good, "me too", max_tokens=2)

@@ -58,11 +58,13 @@ class Batcher:
         self.steps = 0
 
     def add(self, prompt_ids: list[int], config, scripts: list[list[int]] | None = None, scaffold: bool = False,
-            forced: bool = False, on_text=None) -> Request:
-        """Queue a request; it joins at the next step."""
+            forced: bool = False, on_text=None, stop_ids: set[int] | None = None) -> Request:
+        """Queue a request; it joins at the next step. `stop_ids` overrides the engine's (empty: ignore EOS and
+        stop only at a limit, as benchmarks do)."""
         eng = self.engine
         policy = ReservePolicy.for_tokenizer(eng.tokenizer, config.reserve_scale)
-        interp = Interpreter(eng.tokenizer, list(prompt_ids), eng.stop_ids, policy,
+        stops = eng.stop_ids if stop_ids is None else set(stop_ids)
+        interp = Interpreter(eng.tokenizer, list(prompt_ids), stops, policy,
                              config.limits(eng.max_positions), config.sequential, scripts,
                              open_block_scripts=scaffold)
         mode = (("forced-" if forced else "scaffold-" if scaffold else "scripted-" if scripts else "")

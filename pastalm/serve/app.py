@@ -82,6 +82,7 @@ class _Common(BaseModel):
     stream: bool = False
     pasta: PastaOptions | None = None
     raw: bool = False
+    ignore_eos: bool = False  # as vLLM's: decode until a limit (for benchmarks)
 
 
 class ChatRequest(_Common):
@@ -272,8 +273,8 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                                 f"{cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded")
 
-    def _submit(ids: list[int], config: GenerateConfig) -> Job:
-        job = Job(ids, config, asyncio.get_running_loop())
+    def _submit(ids: list[int], config: GenerateConfig, ignore_eos: bool = False) -> Job:
+        job = Job(ids, config, asyncio.get_running_loop(), stop_ids=set() if ignore_eos else None)
         try:
             scheduler.submit(job)
         except Busy as e:
@@ -342,7 +343,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             msgs.insert(0, {"role": "system", "content": cfg.system})
         ids = chat_messages(engine.tokenizer, msgs)
         _check_prompt(ids)
-        job = _submit(ids, config)
+        job = _submit(ids, config, body.ignore_eos)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(text, first=False):
@@ -371,7 +372,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         config = _config(body, body.max_tokens)
         ids = list(engine.tokenizer.encode(body.prompt))
         _check_prompt(ids)
-        job = _submit(ids, config)
+        job = _submit(ids, config, body.ignore_eos)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(text, first=False):

@@ -38,6 +38,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_text: float | None = None
     request: object = None  # the Batcher's Request once admitted
+    stop_ids: set[int] | None = None  # None: the engine's; empty: ignore EOS
     id: int = field(default_factory=itertools.count().__next__)
 
     def emit(self, kind: str, payload) -> None:
@@ -118,7 +119,7 @@ class Scheduler:
             try:
                 self._cancel(cancels)
                 for job in admit:
-                    job.request = self.batcher.add(job.prompt_ids, job.config,
+                    job.request = self.batcher.add(job.prompt_ids, job.config, stop_ids=job.stop_ids,
                                                    on_text=lambda s, j=job: j.emit("text", s))
                     self.jobs[job.request.id] = job
                 if self.batcher.active:

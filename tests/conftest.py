@@ -18,3 +18,12 @@ def tokenizer():
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def model(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved as a model folder (for the CLI, eval and the server)."""
+    d = tmp_path_factory.mktemp("tiny-folder")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

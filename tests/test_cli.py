@@ -5,15 +5,7 @@ import json
 import pytest
 
 from pastalm.cli import main
-from pastalm.testing import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+from pastalm.testing import tiny_tokenizer
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -304,16 +304,6 @@ def test_sot_without_points_falls_back_to_sequential(model, tokenizer, monkeypat
 # -- the command end to end ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from pastalm.testing import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-eval")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 PROMPTS = [{"id": "t1", "prompt": "Give three tips to sleep better.", "category": "tips"},
            {"id": "a1", "prompt": "What is 2+2?", "category": "arithmetic"},
            {"id": "c1", "prompt": "Compare apples and oranges.", "category": "comparison"}]

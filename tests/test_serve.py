@@ -82,16 +82,6 @@ def stop(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from pastalm.testing import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-serve")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def server(folder):
     proc, url, info = start(folder, "--max-tokens-limit", "1000", "--max-new-tokens", "24")
     try:

@@ -39,7 +39,6 @@ class Request:
     generators: dict = field(default_factory=dict)
     logits: dict | None = None
     columns: dict[int, int] = field(default_factory=dict)  # local thread id -> global column
-    cancelled: bool = False
     result: object = None  # Result once finished
 
     @property
@@ -78,7 +77,6 @@ class Batcher:
     def cancel(self, req: Request) -> None:
         """End a request now (its text so far is kept, `limits_hit` says `cancelled`); its slots are freed."""
         if not req.done:
-            req.cancelled = True
             req.interp.stop("cancelled")
             self._finish(req)
         self._collect(free=True)

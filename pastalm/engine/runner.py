@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .interpreter import Feed
-from .mask import additive_mask, visibility
+from .mask import additive_mask, span_views, visibility
 
 
 def cache_kwarg(model) -> str:
@@ -48,22 +48,21 @@ class SharedCache:
             for t in range(len(f.span.view)):
                 self.column(req, t)
             self.column(req, f.thread)
-        ids, positions, cols, index, last, rows = [], [], [], [], [], []
+        ids, positions, cols, index, last, blocks = [], [], [], [], [], []
         for req, f in feeds:
-            col = req.columns[f.thread]
-            base = [0] * self.num_columns
-            for t, v in enumerate(f.span.view):
-                base[req.columns[t]] = v
-            for i in range(len(f.ids)):
-                row = list(base)
-                row[col] = f.span.start + i + 1
-                rows.append(row)
+            width = max(len(f.span.view), f.thread + 1)
+            # the request's own views (mask.span_views), placed in its columns of the shared view matrix
+            blocks.append((span_views([f.span], width), [req.columns[t] for t in range(width)]))
             ids += f.ids
             positions += f.span.positions
-            cols += [col] * len(f.ids)
+            cols += [req.columns[f.thread]] * len(f.ids)
             index += range(f.span.start, f.span.start + len(f.ids))
             last.append(len(ids) - 1)
-        views = torch.tensor(rows, dtype=torch.long)  # (Q, columns)
+        views = torch.zeros((len(ids), self.num_columns), dtype=torch.long)  # (Q, columns)
+        q = 0
+        for v, where in blocks:
+            views[q : q + len(v), where] = v
+            q += len(v)
         self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
         self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
         mask = additive_mask(visibility(views, self.slot_column, self.slot_index), self.dtype)

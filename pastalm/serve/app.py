@@ -332,6 +332,45 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def _respond(body: _Common, ids: list[int], config: GenerateConfig, chat: bool):
+        """Submit the job; answer with one response object or a stream of chunks. Chat and text completions
+        differ only in their object names and where the text goes (`message`/`delta` against `text`)."""
+        job = _submit(ids, config, body.ignore_eos)
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        rid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def envelope(obj: str, choice: dict, res=None) -> dict:
+            out = {"id": rid, "object": obj, "created": now, "model": cfg.model_id, "choices": [{"index": 0, **choice}]}
+            if res is not None:
+                out.update(usage=_usage(res), limits_hit=res.limits_hit)
+            return out
+
+        def text_part(text: str, first: bool = False) -> dict:
+            if chat:
+                return {"delta": {"role": "assistant", "content": ""} if first else {"content": text}}
+            return {"text": text, "logprobs": None}
+
+        if body.stream:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(text, first=False):
+                return envelope(obj, {**text_part("" if first else text, first), "finish_reason": None})
+
+            def final(res):
+                out = envelope(obj, {**({"delta": {}} if chat else text_part("")),
+                                     "finish_reason": _finish_reason(res)}, res)
+                if body.raw:
+                    out["raw"] = res.raw
+                return out
+
+            return _stream(job, chunk, final, endpoint)
+        res = await _wait(job)
+        metrics.requests.labels(endpoint, "200").inc()
+        content = res.raw if body.raw else res.text
+        part = {"message": {"role": "assistant", "content": content}} if chat else text_part(content)
+        return envelope("chat.completion" if chat else "text_completion",
+                        {**part, "finish_reason": _finish_reason(res)}, res)
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         from ..models import chat_messages
@@ -343,58 +382,14 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             msgs.insert(0, {"role": "system", "content": cfg.system})
         ids = chat_messages(engine.tokenizer, msgs)
         _check_prompt(ids)
-        job = _submit(ids, config, body.ignore_eos)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            def chunk(text, first=False):
-                delta = {"role": "assistant", "content": ""} if first else {"content": text}
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-
-            def final(res):
-                out = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_id,
-                       "choices": [{"index": 0, "delta": {}, "finish_reason": _finish_reason(res)}],
-                       "usage": _usage(res), "limits_hit": res.limits_hit}
-                if body.raw:
-                    out["raw"] = res.raw
-                return out
-
-            return _stream(job, chunk, final, "/v1/chat/completions")
-        res = await _wait(job)
-        metrics.requests.labels("/v1/chat/completions", "200").inc()
-        return {"id": rid, "object": "chat.completion", "created": now, "model": cfg.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.raw if body.raw else res.text},
-                             "finish_reason": _finish_reason(res)}],
-                "usage": _usage(res), "limits_hit": res.limits_hit}
+        return await _respond(body, ids, config, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         config = _config(body, body.max_tokens)
         ids = list(engine.tokenizer.encode(body.prompt))
         _check_prompt(ids)
-        job = _submit(ids, config, body.ignore_eos)
-        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            def chunk(text, first=False):
-                return {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                        "choices": [{"index": 0, "text": "" if first else text, "logprobs": None,
-                                     "finish_reason": None}]}
-
-            def final(res):
-                out = {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                       "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": _finish_reason(res)}],
-                       "usage": _usage(res), "limits_hit": res.limits_hit}
-                if body.raw:
-                    out["raw"] = res.raw
-                return out
-
-            return _stream(job, chunk, final, "/v1/completions")
-        res = await _wait(job)
-        metrics.requests.labels("/v1/completions", "200").inc()
-        return {"id": rid, "object": "text_completion", "created": now, "model": cfg.model_id,
-                "choices": [{"index": 0, "text": res.raw if body.raw else res.text, "logprobs": None,
-                             "finish_reason": _finish_reason(res)}],
-                "usage": _usage(res), "limits_hit": res.limits_hit}
+        return await _respond(body, ids, config, chat=False)
 
     return app
 

@@ -390,3 +390,33 @@ def test_several_adapters_are_one_mode_each(folder, tmp_path, capsys):
     assert by["pasta:tuned"]["model"].endswith("+lora") and by["pasta:tuned"]["answer"] != by["sequential"]["answer"]
     per = json.loads((out / "summary.json").read_text())["groups"]["all"]
     assert set(per) == {"sequential", "pasta:plain", "pasta:tuned"}
+
+
+# -- the speed/quality frontier ------------------------------------------------------------------------------------
+
+
+def test_pareto_front_and_fastest_at_quality(tmp_path):
+    from pastalm.eval.harness import _points, fastest_at_quality, pareto_front, pareto_png, report_md
+
+    per = {"sequential": {"quality": 0.80, "prompts": 4},
+           "pasta:stage1": {"wall_speedup_gmean": 1.8, "quality": 0.40, "prompts": 4},
+           "pasta:a": {"wall_speedup_gmean": 1.9, "quality": 0.45, "prompts": 4},  # beats stage1 on both
+           "pasta:b": {"wall_speedup_gmean": 1.5, "quality": 0.60, "prompts": 4},  # slower, better
+           "pasta:c": {"wall_speedup_gmean": 1.4, "quality": 0.55, "prompts": 4},  # dominated by b
+           "pasta:d": {"wall_speedup_gmean": 1.9, "quality": 0.30, "prompts": 4},  # tie in speed with a, worse
+           "pasta:e": {"wall_speedup_gmean": 2.5, "quality": float("nan"), "prompts": 4}}  # not judged: left out
+    pts = _points(per)
+    assert "pasta:e" not in pts and pts["sequential"] == (1.0, 0.80)
+    assert pareto_front(pts) == ["sequential", "pasta:b", "pasta:a"]
+    assert fastest_at_quality(per, "pasta:stage1") == "pasta:a"
+    assert fastest_at_quality({**per, "pasta:a": {**per["pasta:a"], "quality": 0.39}}, "pasta:stage1") == "pasta:stage1"
+    assert fastest_at_quality(per, "pasta:missing") is None  # (stage1 itself wins when nothing beats it)
+
+    summary = {"timestamp": "t", "judge": "proxy", "groups": {"all": per},
+               "machine": {"machine": "m", "processor": "p", "threads": 2, "torch": "x"},
+               "config": {"modes": list(per), "generate": {"max_new_tokens": 8, "temperature": 0.0,
+                                                          "max_threads": 8, "async_factor": 1.0}}}
+    md = report_md(summary)
+    assert "| all | `sequential`, `pasta:b`, `pasta:a` | `pasta:a` |" in md
+    pareto_png(summary, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

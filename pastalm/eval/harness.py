@@ -266,11 +266,52 @@ def report_md(summary: dict, title: str = "pasta eval") -> str:
                 continue
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    pastas = [m for m in summary["config"]["modes"] if is_pasta(m)]
+    if len(pastas) > 1 and summary["judge"]:
+        lines += ["## Speed/quality frontier", "",
+                  "Wall-clock speedup against quality; a mode is on the frontier when no other mode is at least as "
+                  f"good in both and better in one. Reference for 'fastest at equal-or-better quality': `{pastas[0]}`.",
+                  "", "| group | frontier | fastest at quality >= " + pastas[0] + " |", "|---|---|---|"]
+        for group, per in summary["groups"].items():
+            front = pareto_front(_points(per))
+            lines.append(f"| {group} | " + ", ".join(f"`{m}`" for m in front) + " | "
+                         + _fmt(fastest_at_quality(per, pastas[0]), "`{}`") + " |")
+        lines.append("")
     if summary["judge"] == "proxy":
         lines += ["The `proxy` judge is not a preference judge: it scores content kept relative to the sequential "
                   "answer, repetition across chunks and degenerate chunks (see docs/eval.md). Run the AlpacaEval "
                   "files in `alpaca_eval/` through a strong judge for win rates.", ""]
     return "\n".join(lines)
+
+
+def _points(per: dict) -> dict[str, tuple[float, float]]:
+    """(wall-clock speedup, quality) per mode of one group, sequential at 1.0x; modes without both are left out."""
+    pts = {}
+    for mode, s in per.items():
+        x = 1.0 if mode == "sequential" else s.get("wall_speedup_gmean")
+        y = s.get("quality")
+        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        pts[mode] = (float(x), float(y))
+    return pts
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The modes no other mode beats in both speedup and quality (at least as good in one, better in the other),
+    sorted by speedup."""
+    front = [m for m, (x, y) in points.items()
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for m2, (x2, y2) in points.items() if m2 != m)]
+    return sorted(front, key=lambda m: points[m])
+
+
+def fastest_at_quality(per: dict, reference: str) -> str | None:
+    """The mode with the best wall-clock speedup among those whose quality is no worse than `reference`'s."""
+    pts = _points(per)
+    if reference not in pts:
+        return None
+    q = pts[reference][1]
+    ok = [m for m, (x, y) in pts.items() if y >= q and m != "sequential"]
+    return max(ok, key=lambda m: pts[m]) if ok else None
 
 
 def pareto_png(summary: dict, path: Path) -> None:
@@ -286,17 +327,20 @@ def pareto_png(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
     for ax, group in zip(axes[0], groups):
         per = summary["groups"][group]
-        xs = []
-        for mode, s in per.items():
-            x = 1.0 if mode == "sequential" else s.get("wall_speedup_gmean")
-            y = s.get("quality")
-            if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
-                continue
-            xs.append(x)
-            model = str(s.get("model", ""))
-            label = mode + (f"\n({model.split('+', 1)[1]})" if "+" in model else "")
-            ax.scatter([x], [y], s=60, zorder=3)
+        pts = _points(per)
+        front = pareto_front(pts)
+        xs = [x for x, _ in pts.values()]
+        for mode, (x, y) in pts.items():
+            model = str(per[mode].get("model", ""))
+            label = mode + (f"\n({model.split('+', 1)[1]})" if "+" in model and ":" not in mode else "")
+            on = mode in front
+            ax.scatter([x], [y], s=60, zorder=3, facecolors=None if on else "none",
+                       edgecolors=None if on else "grey")
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if len(front) > 1:
+            ax.plot([pts[m][0] for m in front], [pts[m][1] for m in front], color="tab:red", lw=1, ls="-",
+                    zorder=2, label="frontier (not dominated)")
+            ax.legend(loc="lower left", fontsize=8)
         if xs:
             lo, hi = min(xs + [1.0]), max(xs + [1.0])
             pad = max(0.1, 0.25 * (hi - lo))

@@ -362,8 +362,36 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
             }
             (rdir / "round.json").write_text(json.dumps({**stats[key], "history": hist["history"]}, indent=1))
             stats_path.write_text(json.dumps(stats, indent=1) + "\n")
+            (out / "report.md").write_text(lambda_table(stats))
             prev = adapter_dir
+    (out / "report.md").write_text(lambda_table(stats))
     return stats
+
+
+def lambda_table(stats: dict) -> str:
+    """The per-lambda, per-round statistics as a markdown table (OUT/report.md)."""
+
+    def f(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    def order(k):
+        lam, r = stats[k]["lambda"], stats[k]["round"]
+        return (math.inf if lam == "inf" else float(lam), r)
+
+    lines = ["| lambda | round | pairs | skipped (tie / no valid) | valid samples | mean speedup | mean quality | "
+             "winners' speedup | winners' quality | steps | loss first -> last | sampling s | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(stats, key=order):
+        s = stats[k]
+        first = s["first_losses"][0] if s.get("first_losses") else None
+        last = s["last_losses"][-1] if s.get("last_losses") else None
+        lines.append(" | ".join([
+            f"| {s['lambda']}", str(s["round"]), str(s["pairs"]), f"{s['skipped_tie']} / {s['skipped_no_valid']}",
+            f(s.get("valid_share"), "{:.0%}"), f(s.get("mean_speedup"), "{:.2f}x"), f(s.get("mean_quality"), "{:.3f}"),
+            f(s.get("winner_mean_speedup"), "{:.2f}x"), f(s.get("winner_mean_quality"), "{:.3f}"), str(s["steps"]),
+            f"{f(first, '{:.3f}')} -> {f(last, '{:.3f}')}", f(s.get("sample_seconds"), "{:.0f}"),
+            f(s.get("train_seconds"), "{:.0f}")]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean(samples: list[dict], pairs: list[dict], which: str, field_: str) -> float | None:

@@ -113,6 +113,8 @@ def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every LoRA weight moved
     round_log = json.loads((out / "lambda-1" / "round-1" / "round.json").read_text())
     assert len(round_log["history"]) == st["steps"] and "loss" in round_log["history"][0]
+    made = json.loads((out / "lambda-1" / "round-1" / "adapter" / "pasta_prefer.json").read_text())
+    assert made["config"]["lambdas"] == ["1"] and made["round"] == st
     table = (out / "report.md").read_text().splitlines()
     assert len(table) == 3 and table[2].startswith(f"| 1 | 1 | {st['pairs']} | ")
 

@@ -361,11 +361,19 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
                 "sample_seconds": round(t_sample, 1), "train_seconds": round(time.perf_counter() - t1, 1),
             }
             (rdir / "round.json").write_text(json.dumps({**stats[key], "history": hist["history"]}, indent=1))
+            write_provenance(adapter_dir, saved, stats[key])
             stats_path.write_text(json.dumps(stats, indent=1) + "\n")
             (out / "report.md").write_text(lambda_table(stats))
             prev = adapter_dir
     (out / "report.md").write_text(lambda_table(stats))
     return stats
+
+
+def write_provenance(adapter_dir: Path, config: dict, round_stats: dict) -> None:
+    """`pasta_prefer.json` inside the adapter folder: the run's settings and this round's statistics, so that a
+    copied or shipped adapter says how it was made."""
+    (Path(adapter_dir) / "pasta_prefer.json").write_text(
+        json.dumps({"config": config, "round": round_stats}, indent=1) + "\n")
 
 
 def lambda_table(stats: dict) -> str:

@@ -227,7 +227,10 @@ def _train_parsers(sub) -> None:
     f.add_argument("--max-new-tokens", type=_positive_int, default=320)
     f.add_argument("--batch-requests", type=_positive_int, default=16, help="requests decoded together")
     f.add_argument("--alpha", type=_probability, default=0.5, help="weight of the winner's likelihood term")
-    f.add_argument("--beta", type=float, default=0.1, help="IPO target margin 1/(2 beta)")
+    f.add_argument("--beta", type=float, default=5.0, help="IPO target margin 1/(2 beta), in nats per token with "
+                   "--ipo-norm mean (5: 0.1 nat per token)")
+    f.add_argument("--ipo-norm", choices=["mean", "sum"], default="mean",
+                   help="log-ratios of the IPO term: per-token means (stable on long answers) or sums over the answer")
     f.add_argument("--lr", type=float, default=5e-5)
     f.add_argument("--epochs", type=float, default=1.0)
     f.add_argument("--batch-size", type=_positive_int, default=2, help="pairs per micro-batch")
@@ -298,8 +301,8 @@ def prefer(args) -> int:
                        baseline_adapter=args.baseline_adapter, model=args.model, dtype=args.dtype,
                        samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge=args.judge,
                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                       batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, lr=args.lr,
-                       epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, ipo_norm=args.ipo_norm,
+                       lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_length=args.max_length, seed=args.seed, limit=args.limit,
                        per_category=args.per_category, system=args.system)
     stats = run_prefer(cfg)

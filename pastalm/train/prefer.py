@@ -52,7 +52,8 @@ class PreferConfig:
     max_new_tokens: int = 320
     batch_requests: int = 16  # requests decoded together while sampling
     alpha: float = 0.5  # weight of the winner's likelihood term (1 - alpha on the IPO term)
-    beta: float = 0.1  # IPO target: the log-ratio margin 1 / (2 beta)
+    beta: float = 5.0  # IPO target: the log-ratio margin 1 / (2 beta) (0.1 nat per token with ipo_norm "mean")
+    ipo_norm: str = "mean"  # log-ratios of the IPO term per token ("mean") or summed over the answer ("sum")
     lr: float = 5e-5
     epochs: float = 1.0
     batch_size: int = 2  # pairs per step
@@ -110,8 +111,9 @@ def build_pairs(samples: list[dict], lam: float, eps: float = 1e-6) -> tuple[lis
 def bonbon_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
                 nll_w: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """BoNBoN (Gui et al., 2024): alpha * NLL of the winner (mean per token) + (1 - alpha) * the IPO term
-    (h - 1 / (2 beta))^2, where h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)] with sequence
-    log-probabilities summed over the answer's labelled tokens. All inputs are per pair; returns the mean."""
+    (h - 1 / (2 beta))^2, where h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)] with the answers'
+    log-probabilities over their labelled tokens, summed or (as the caller chooses, `ipo_norm`) per-token means.
+    All inputs are per pair; returns the mean."""
     h = (logp_w - ref_w) - (logp_l - ref_l)
     ipo = (h - 1.0 / (2.0 * beta)) ** 2
     return (alpha * nll_w + (1.0 - alpha) * ipo).mean()
@@ -216,7 +218,7 @@ def pair_layouts(tokenizer, pairs: list[dict], cfg: PreferConfig) -> tuple[list[
 
 
 @torch.no_grad()
-def reference_logps(model, items: list[dict], collate, batch_size: int) -> None:
+def reference_logps(model, items: list[dict], collate, batch_size: int, norm: str = "mean") -> None:
     """Store the model's sequence log-probabilities of each pair's answers (`ref_w`, `ref_l`) before training."""
     was_training = model.training
     model.eval()
@@ -224,7 +226,8 @@ def reference_logps(model, items: list[dict], collate, batch_size: int) -> None:
         chunk = items[i:i + batch_size]
         batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
         labels = batch.pop("labels")
-        logp, _ = sequence_logps(model(**batch).logits, labels)
+        total, nll = sequence_logps(model(**batch).logits, labels)
+        logp = -nll if norm == "mean" else total
         for j, it in enumerate(chunk):
             it["ref_w"], it["ref_l"] = float(logp[j]), float(logp[len(chunk) + j])
     model.train(was_training)
@@ -234,7 +237,7 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
     """One pass (cfg.epochs) of BoNBoN over the pairs; returns the loss history."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = LayoutCollator(pad, next(model.parameters()).dtype)
-    reference_logps(model, items, collate, cfg.batch_size)
+    reference_logps(model, items, collate, cfg.batch_size, cfg.ipo_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -251,7 +254,8 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
             batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
             labels = batch.pop("labels")
-            logp, nll = sequence_logps(model(**batch).logits, labels)
+            total, nll = sequence_logps(model(**batch).logits, labels)
+            logp = -nll if cfg.ipo_norm == "mean" else total
             n = len(chunk)
             ref_w = torch.tensor([it["ref_w"] for it in chunk])
             ref_l = torch.tensor([it["ref_l"] for it in chunk])

@@ -226,8 +226,8 @@ def reference_logps(model, items: list[dict], collate, batch_size: int, norm: st
         chunk = items[i:i + batch_size]
         batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
         labels = batch.pop("labels")
-        total, nll = sequence_logps(model(**batch).logits, labels)
-        logp = -nll if norm == "mean" else total
+        summed, nll = sequence_logps(model(**batch).logits, labels)
+        logp = -nll if norm == "mean" else summed
         for j, it in enumerate(chunk):
             it["ref_w"], it["ref_l"] = float(logp[j]), float(logp[len(chunk) + j])
     model.train(was_training)
@@ -254,8 +254,8 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
             batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
             labels = batch.pop("labels")
-            total, nll = sequence_logps(model(**batch).logits, labels)
-            logp = -nll if cfg.ipo_norm == "mean" else total
+            summed, nll = sequence_logps(model(**batch).logits, labels)
+            logp = -nll if cfg.ipo_norm == "mean" else summed
             n = len(chunk)
             ref_w = torch.tensor([it["ref_w"] for it in chunk])
             ref_l = torch.tensor([it["ref_l"] for it in chunk])

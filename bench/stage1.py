@@ -1,7 +1,7 @@
 """Stage 1 results: the PASTA adapter decoding asynchronously vs the baseline adapter decoding sequentially.
 
 Runs both on the evaluation prompts (a per-category sample by default), in one process, and writes
-bench/results/stage1.json and docs/results.md (tables split by parallelizable vs not, plus sample answers).
+bench/results/stage1.json and docs/results-stage1.md (tables split by parallelizable vs not, plus sample answers).
 
     python bench/stage1.py [--per-category 6] [--pasta pasta] [--baseline baseline] [--max-new-tokens 400]
 """
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--max-new-tokens", type=int, default=400)
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "stage1.json")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results-stage1.md")
     ap.add_argument("--from-json", type=Path, help="rewrite the tables from a saved run instead of measuring")
     args = ap.parse_args(argv)
 

@@ -390,6 +390,8 @@ def test_several_adapters_are_one_mode_each(folder, tmp_path, capsys):
     assert by["pasta:tuned"]["model"].endswith("+lora") and by["pasta:tuned"]["answer"] != by["sequential"]["answer"]
     per = json.loads((out / "summary.json").read_text())["groups"]["all"]
     assert set(per) == {"sequential", "pasta:plain", "pasta:tuned"}
+    assert sorted(p.name for p in (out / "alpaca_eval").iterdir()) == ["pasta-plain.json", "pasta-tuned.json",
+                                                                       "sequential.json"]
 
 
 # -- the speed/quality frontier ------------------------------------------------------------------------------------

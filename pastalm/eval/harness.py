@@ -368,7 +368,7 @@ def alpaca_eval_files(records: list[dict], out_dir: Path, prompts: list[dict]) -
         rows = [by[(i, mode)] for i in wanted if (i, mode) in by]
         out = [{"instruction": r["prompt"], "output": r["answer"], "generator": f"{r['model']}-{mode}",
                 "dataset": r.get("category") or "pastalm"} for r in rows]
-        p = d / f"{mode}.json"
+        p = d / f"{mode.replace(':', '-')}.json"  # no colon in file names (Windows)
         p.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
         paths.append(p)
     return paths

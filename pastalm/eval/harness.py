@@ -324,23 +324,24 @@ def pareto_png(summary: dict, path: Path) -> None:
 
     groups = [g for g in ("all", "parallel") if g in summary["groups"]] or list(summary["groups"])[:1]
     pairwise = summary["judge"] in ("openai", "hf")
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.6 * len(groups), 5.4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         per = summary["groups"][group]
         pts = _points(per)
         front = pareto_front(pts)
         xs = [x for x, _ in pts.values()]
-        for mode, (x, y) in pts.items():
+        for i, (mode, (x, y)) in enumerate(pts.items()):
             model = str(per[mode].get("model", ""))
-            label = mode + (f"\n({model.split('+', 1)[1]})" if "+" in model and ":" not in mode else "")
+            name = mode + (f" ({model.split('+', 1)[1]})" if "+" in model and ":" not in mode else "")
             on = mode in front
-            ax.scatter([x], [y], s=60, zorder=3, facecolors=None if on else "none",
-                       edgecolors=None if on else "grey")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # a legend entry per point (with its numbers) rather than labels, which collide when points crowd
+            ax.scatter([x], [y], s=60, zorder=3, color=f"C{i % 10}", facecolors=f"C{i % 10}" if on else "none",
+                       label=f"{name}: {x:.2f}x, {y:.3f}" + ("" if on else " (dominated)"))
         if len(front) > 1:
-            ax.plot([pts[m][0] for m in front], [pts[m][1] for m in front], color="tab:red", lw=1, ls="-",
+            ax.plot([pts[m][0] for m in front], [pts[m][1] for m in front], color="grey", lw=1, ls="-",
                     zorder=2, label="frontier (not dominated)")
-            ax.legend(loc="lower left", fontsize=8)
+        if pts:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, frameon=False)
         if xs:
             lo, hi = min(xs + [1.0]), max(xs + [1.0])
             pad = max(0.1, 0.25 * (hi - lo))

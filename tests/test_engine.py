@@ -179,3 +179,19 @@ def test_streaming_is_in_reading_order(model, tokenizer):
     res = engine_for(model, tokenizer).generate(prompt, GenerateConfig(), force=ANSWERS["text_between"],
                                                 on_text=pieces.append)
     assert "".join(pieces) == res.text and len(pieces) > 3
+
+
+def test_span_views_rows_by_hand():
+    """Each query token's view row: the span's view in its threads' columns, and its own column covering its
+    thread up to itself; with a column map, the same values land in the mapped columns."""
+    from pastalm.engine.mask import span_views
+    from pastalm.lang.layout import Span
+
+    spans = [Span(0, 4, [10, 11], (0,)),  # main, tokens 4 and 5 of its thread
+             Span(1, 0, [12], (3, 0)),  # a block seeing main's first 3 tokens
+             Span(2, 2, [], (5, 0, 0)),  # an empty span adds no row
+             Span(2, 2, [13], (5, 1, 0))]  # another block seeing 5 of main and 1 of block 1
+    want = [[5, 0, 0, 0], [6, 0, 0, 0], [3, 1, 0, 0], [5, 1, 3, 0]]
+    assert span_views(spans, 4).tolist() == want
+    cmap = [{0: 3}, {0: 3, 1: 0}, {0: 3, 1: 0, 2: 1}, {0: 3, 1: 0, 2: 1}]  # thread -> column, per span
+    assert span_views(spans, 4, cmap).tolist() == [[r[1], r[2], 0, r[0]] for r in want]

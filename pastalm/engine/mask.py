@@ -7,16 +7,32 @@ import torch
 from ..lang.layout import Span
 
 
-def span_views(spans: list[Span], num_threads: int) -> torch.Tensor:
-    """One view row per query token, (Q, num_threads); a token's own column covers its thread up to itself."""
-    rows = []
-    for s in spans:
-        base = list(s.view) + [0] * (num_threads - len(s.view))
-        for i in range(len(s.positions)):
-            row = list(base)
-            row[s.thread] = s.start + i + 1
-            rows.append(row)
-    return torch.tensor(rows, dtype=torch.long)
+def span_views(spans: list[Span], num_columns: int, columns: list | None = None) -> torch.Tensor:
+    """One view row per query token, (Q, num_columns); a token's own column covers its thread up to itself.
+
+    Column t is thread t, unless `columns` gives, per span, a map from its thread ids to columns (the shared cache
+    of the batcher puts many requests' threads side by side). Python only walks each span's view once; the rows
+    per token are expanded with tensor ops, since this runs at every decode step."""
+    r, c, v, own, starts, counts = [], [], [], [], [], []
+    for k, s in enumerate(spans):
+        cmap = columns[k] if columns is not None else range(num_columns)
+        for t, x in enumerate(s.view):
+            if x:
+                r.append(k)
+                c.append(cmap[t])
+                v.append(x)
+        own.append(cmap[s.thread])
+        starts.append(s.start)
+        counts.append(len(s.positions))
+    base = torch.zeros((len(spans), num_columns), dtype=torch.long)
+    base[torch.tensor(r, dtype=torch.long), torch.tensor(c, dtype=torch.long)] = torch.tensor(v, dtype=torch.long)
+    n = torch.tensor(counts, dtype=torch.long)
+    views = base.repeat_interleave(n, dim=0)
+    q = views.shape[0]
+    within = torch.arange(q) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)  # index of the token in its span
+    views[torch.arange(q), torch.repeat_interleave(torch.tensor(own, dtype=torch.long), n)] = (
+        torch.repeat_interleave(torch.tensor(starts, dtype=torch.long), n) + within + 1)
+    return views
 
 
 def visibility(views: torch.Tensor, slot_thread: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:

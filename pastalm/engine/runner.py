@@ -48,21 +48,15 @@ class SharedCache:
             for t in range(len(f.span.view)):
                 self.column(req, t)
             self.column(req, f.thread)
-        ids, positions, cols, index, last, blocks = [], [], [], [], [], []
+        ids, positions, cols, index, last = [], [], [], [], []
         for req, f in feeds:
-            width = max(len(f.span.view), f.thread + 1)
-            # the request's own views (mask.span_views), placed in its columns of the shared view matrix
-            blocks.append((span_views([f.span], width), [req.columns[t] for t in range(width)]))
             ids += f.ids
             positions += f.span.positions
             cols += [req.columns[f.thread]] * len(f.ids)
             index += range(f.span.start, f.span.start + len(f.ids))
             last.append(len(ids) - 1)
-        views = torch.zeros((len(ids), self.num_columns), dtype=torch.long)  # (Q, columns)
-        q = 0
-        for v, where in blocks:
-            views[q : q + len(v), where] = v
-            q += len(v)
+        # each request's threads sit in its own columns of the shared view matrix (Q, columns)
+        views = span_views([f.span for _, f in feeds], self.num_columns, [req.columns for req, _ in feeds])
         self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
         self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
         mask = additive_mask(visibility(views, self.slot_column, self.slot_index), self.dtype)

@@ -411,8 +411,9 @@ def test_pareto_front_and_fastest_at_quality(tmp_path):
     assert "pasta:e" not in pts and pts["sequential"] == (1.0, 0.80)
     assert pareto_front(pts) == ["sequential", "pasta:b", "pasta:a"]
     assert fastest_at_quality(per, "pasta:stage1") == "pasta:a"
+    # stage1 itself wins when nothing at its quality is faster
     assert fastest_at_quality({**per, "pasta:a": {**per["pasta:a"], "quality": 0.39}}, "pasta:stage1") == "pasta:stage1"
-    assert fastest_at_quality(per, "pasta:missing") is None  # (stage1 itself wins when nothing beats it)
+    assert fastest_at_quality(per, "pasta:missing") is None
 
     summary = {"timestamp": "t", "judge": "proxy", "groups": {"all": per},
                "machine": {"machine": "m", "processor": "p", "threads": 2, "torch": "x"},

@@ -11,7 +11,7 @@ import torch
 from pastalm.eval.judges import Verdict
 from pastalm.lang.layout import IGNORE
 from pastalm.train import prefer as prefer_module
-from pastalm.train.prefer import PreferConfig, bonbon_loss, build_pairs, run_prefer, sequence_logps
+from pastalm.train.prefer import PreferConfig, bonbon_loss, build_pairs, ipo_logps, run_prefer, sequence_logps
 
 
 def test_bonbon_loss_by_hand():
@@ -37,6 +37,11 @@ def test_sequence_logps_sum_the_labelled_tokens():
     assert total[0].item() == pytest.approx((lp[0, 0, 1] + lp[0, 2, 3]).item(), abs=1e-6)
     assert total[1].item() == pytest.approx(lp[1, 3, 4].item(), abs=1e-6)
     assert nll[0].item() == pytest.approx(-total[0].item() / 2, abs=1e-6)
+    mean, _ = ipo_logps(logits, labels, "mean")  # the IPO term's log-probability: per token, or summed
+    assert mean.tolist() == pytest.approx([(lp[0, 0, 1] + lp[0, 2, 3]).item() / 2, lp[1, 3, 4].item()], abs=1e-6)
+    assert torch.equal(ipo_logps(logits, labels, "sum")[0], total)
+    with pytest.raises(ValueError, match="ipo_norm"):
+        PreferConfig(output="x", from_adapter="pasta", ipo_norm="avg")
 
 
 def s(pid, k, speed, quality, valid=True, raw=None):

@@ -66,6 +66,10 @@ class PreferConfig:
     system: str | None = None
     tie_eps: float = 1e-6
 
+    def __post_init__(self):
+        if self.ipo_norm not in ("mean", "sum"):
+            raise ValueError(f"ipo_norm must be 'mean' or 'sum', not {self.ipo_norm!r}")
+
 
 # -- scoring and pairs ---------------------------------------------------------------------------------------------
 
@@ -117,6 +121,13 @@ def bonbon_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor,
     h = (logp_w - ref_w) - (logp_l - ref_l)
     ipo = (h - 1.0 / (2.0 * beta)) ** 2
     return (alpha * nll_w + (1.0 - alpha) * ipo).mean()
+
+
+def ipo_logps(logits: torch.Tensor, labels: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the log-probability the IPO term uses (per-token mean for norm "mean", sum for "sum") and the
+    mean negative log-likelihood (the winner's likelihood term)."""
+    summed, nll = sequence_logps(logits, labels)
+    return (-nll if norm == "mean" else summed), nll
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +237,7 @@ def reference_logps(model, items: list[dict], collate, batch_size: int, norm: st
         chunk = items[i:i + batch_size]
         batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
         labels = batch.pop("labels")
-        summed, nll = sequence_logps(model(**batch).logits, labels)
-        logp = -nll if norm == "mean" else summed
+        logp, _ = ipo_logps(model(**batch).logits, labels, norm)
         for j, it in enumerate(chunk):
             it["ref_w"], it["ref_l"] = float(logp[j]), float(logp[len(chunk) + j])
     model.train(was_training)
@@ -254,8 +264,7 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
             batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
             labels = batch.pop("labels")
-            summed, nll = sequence_logps(model(**batch).logits, labels)
-            logp = -nll if cfg.ipo_norm == "mean" else summed
+            logp, nll = ipo_logps(model(**batch).logits, labels, cfg.ipo_norm)
             n = len(chunk)
             ref_w = torch.tensor([it["ref_w"] for it in chunk])
             ref_l = torch.tensor([it["ref_l"] for it in chunk])
@@ -382,9 +391,7 @@ def write_provenance(adapter_dir: Path, config: dict, round_stats: dict) -> None
 
 def lambda_table(stats: dict) -> str:
     """The per-lambda, per-round statistics as a markdown table (OUT/report.md)."""
-
-    def f(v, fmt):
-        return "-" if v is None else fmt.format(v)
+    from ..eval.harness import _fmt as f
 
     def order(k):
         lam, r = stats[k]["lambda"], stats[k]["round"]

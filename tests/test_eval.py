@@ -423,3 +423,20 @@ def test_pareto_front_and_fastest_at_quality(tmp_path):
     assert "| all | `sequential`, `pasta:b`, `pasta:a` | `pasta:a` |" in md
     pareto_png(summary, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_paired_bootstrap():
+    from pastalm.eval.speed import geomean, paired_bootstrap
+
+    # every prompt twice as fast and 0.1 better: no spread, so the interval is the point
+    s = paired_bootstrap([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], [0.5, 0.2, 0.7], [0.6, 0.3, 0.8])
+    assert s["speed_ratio"] == pytest.approx(2.0) and s["speed_ratio_ci"] == pytest.approx([2.0, 2.0])
+    assert s["quality_diff"] == pytest.approx(0.1) and s["quality_diff_ci"] == pytest.approx([0.1, 0.1])
+    # spread: the point estimate is the geometric mean of the per-prompt ratios, inside its interval
+    ref, mode = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 3.0, 1.0, 4.0]
+    s = paired_bootstrap(ref, mode, [0.0] * 5, [0.1, -0.1, 0.0, 0.2, 0.0], n_boot=500)
+    assert s["speed_ratio"] == pytest.approx(geomean([r / m for r, m in zip(ref, mode)]))
+    assert s["speed_ratio_ci"][0] < s["speed_ratio"] < s["speed_ratio_ci"][1]
+    assert s["quality_diff_ci"][0] < 0.04 < s["quality_diff_ci"][1]
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap([1.0], [1.0, 2.0], [0.0], [0.0])

@@ -29,6 +29,31 @@ def geomean(xs) -> float:
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
 
 
+def paired_bootstrap(ref_wall: list[float], wall: list[float], ref_quality: list[float], quality: list[float],
+                     n_boot: int = 2000, seed: int = 0) -> dict:
+    """Compare a mode with a reference on the same prompts (lists aligned by prompt): the wall-clock ratio
+    (geometric mean over prompts of ref time / mode time; above 1 is faster) and the mean quality difference,
+    each with a 95% percentile bootstrap interval. Prompts are resampled as pairs, so prompt difficulty cancels."""
+    import random
+
+    n = len(wall)
+    if not n or not (len(ref_wall) == len(ref_quality) == len(quality) == n):
+        raise ValueError("paired_bootstrap needs non-empty lists of equal length, one entry per prompt")
+    ratio = [r / w for r, w in zip(ref_wall, wall)]
+    diff = [q - r for r, q in zip(ref_quality, quality)]
+    rng = random.Random(seed)
+    boot_r, boot_q = [], []
+    for _ in range(n_boot):
+        pick = [rng.randrange(n) for _ in range(n)]
+        boot_r.append(geomean([ratio[k] for k in pick]))
+        boot_q.append(sum(diff[k] for k in pick) / n)
+    boot_r.sort()
+    boot_q.sort()
+    lo, hi = int(0.025 * n_boot), int(0.975 * n_boot) - 1
+    return {"prompts": n, "speed_ratio": geomean(ratio), "speed_ratio_ci": [boot_r[lo], boot_r[hi]],
+            "quality_diff": sum(diff) / n, "quality_diff_ci": [boot_q[lo], boot_q[hi]]}
+
+
 def validity(raw: str, threads: int) -> dict:
     """`valid_promise`: a promise parsed and forked a thread; `valid_raw`: the whole annotated answer validates
     (an answer cut by max_new_tokens inside a tag does not)."""

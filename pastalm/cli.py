@@ -224,7 +224,11 @@ def _train_parsers(sub) -> None:
     f.add_argument("--judge", default="proxy", choices=["proxy"], help="quality judge (see pasta eval)")
     f.add_argument("--temperature", type=_nonneg_float, default=0.8)
     f.add_argument("--top-p", type=_probability, default=0.95)
-    f.add_argument("--max-new-tokens", type=_positive_int, default=320)
+    f.add_argument("--greedy-candidate", action="store_true",
+                   help="make sample 0 of each prompt the greedy answer (how pasta eval and the server decode), so "
+                   "a greedy answer that runs into a limit can lose against a sampled one")
+    f.add_argument("--max-new-tokens", type=_positive_int, default=320,
+                   help="token budget of each sample (use pasta eval's --max-new-tokens to train at its limit)")
     f.add_argument("--batch-requests", type=_positive_int, default=16, help="requests decoded together")
     f.add_argument("--alpha", type=_probability, default=0.5, help="weight of the winner's likelihood term")
     f.add_argument("--beta", type=float, default=5.0, help="IPO target margin 1/(2 beta), in nats per token with "
@@ -300,7 +304,8 @@ def prefer(args) -> int:
     cfg = PreferConfig(output=str(args.output), from_adapter=args.from_adapter, prompts=args.prompts,
                        baseline_adapter=args.baseline_adapter, model=args.model, dtype=args.dtype,
                        samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge=args.judge,
-                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p,
+                       greedy_candidate=args.greedy_candidate, max_new_tokens=args.max_new_tokens,
                        batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, ipo_norm=args.ipo_norm,
                        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_length=args.max_length, seed=args.seed, limit=args.limit,

@@ -135,3 +135,29 @@ def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
     cfg.temperature = 0.5
     with pytest.raises(ValueError, match="other settings"):
         run_prefer(cfg, progress=False, judge=LengthJudge())
+
+
+def test_greedy_candidate_is_the_greedy_answer(tmp_path):
+    """With greedy_candidate, sample 0 of every prompt is exactly what greedy decoding (pasta eval, the server)
+    gives, batched with the sampled ones; the other samples stay seeded temperature samples."""
+    from pastalm.engine import Engine, GenerateConfig
+    from pastalm.models import chat_prompt
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    engine = Engine(tiny_model("llama").eval(), tok, "tiny")
+    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(["Give tips.", "List fruits."])]
+    refs = {p["id"]: {"answer": "x", "pieces": []} for p in prompts}
+    cfg = PreferConfig(output=str(tmp_path), from_adapter="x", samples=3, temperature=1.0, top_p=1.0,
+                       greedy_candidate=True, max_new_tokens=12, batch_requests=6)
+    rows = prefer_module.sample_answers(engine, prompts, cfg, tmp_path / "s.jsonl", LengthJudge(), refs,
+                                        progress=False)
+    assert [r["greedy"] for r in rows] == [True, False, False] * 2
+    for p in prompts:
+        greedy = engine.generate(chat_prompt(tok, p["prompt"], None), GenerateConfig(max_new_tokens=12))
+        mine = [r for r in rows if r["id"] == p["id"]]
+        assert mine[0]["raw"] == greedy.raw
+        sampled = engine.generate(chat_prompt(tok, p["prompt"], None),
+                                  GenerateConfig(max_new_tokens=12, temperature=1.0, seed=1))
+        assert mine[1]["raw"] == sampled.raw

@@ -2,8 +2,10 @@
 
 Per round and per lambda:
 1. sample: `samples` annotated answers per prompt from the current model through the real interpreter
-   (temperature sampling, one seed per sample), batched across prompts with the engine's `Batcher`; the
-   baseline's sequential answer to each prompt (computed once) is the quality reference;
+   (temperature sampling, one seed per sample), batched across prompts with the engine's `Batcher`; with
+   `greedy_candidate`, sample 0 is the greedy answer instead (how `pasta eval` and the server decode), so that a
+   greedy answer that runs into a limit can lose against a sampled one that ends. The baseline's sequential
+   answer to each prompt (computed once) is the quality reference;
 2. score: theoretical speedup + lambda * quality, quality being the judge's score against the reference
    (`lambda = inf`: quality first, speedup only breaks ties);
 3. pairs: the best valid sample against the worst sample of each prompt; prompts whose best and worst tie, or
@@ -49,6 +51,7 @@ class PreferConfig:
     judge: str = "proxy"
     temperature: float = 0.8
     top_p: float = 0.95
+    greedy_candidate: bool = False  # sample 0 is the greedy answer
     max_new_tokens: int = 320
     batch_requests: int = 16  # requests decoded together while sampling
     alpha: float = 0.5  # weight of the winner's likelihood term (1 - alpha on the IPO term)
@@ -144,8 +147,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, judge, references: dict,
                    progress: bool = True) -> list[dict]:
-    """`cfg.samples` answers per prompt (seeds 0..n-1 offset by cfg.seed), judged against the reference;
-    appended to `path`, skipping prompts already there."""
+    """`cfg.samples` answers per prompt (seeds 0..n-1 offset by cfg.seed; with `cfg.greedy_candidate` sample 0
+    is greedy), judged against the reference; appended to `path`, skipping prompts already there."""
     from ..engine import GenerateConfig
     from ..eval.judges import Answer
     from ..models import chat_prompt
@@ -164,7 +167,10 @@ def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, j
         for p in chunk:
             ids = chat_prompt(engine.tokenizer, p["prompt"], cfg.system)
             for k in range(cfg.samples):
-                reqs.append((p, k, batcher.add(ids, replace(base, seed=cfg.seed * 1000 + k))))
+                gen = replace(base, seed=cfg.seed * 1000 + k)
+                if k == 0 and cfg.greedy_candidate:
+                    gen = replace(gen, temperature=0.0, top_p=1.0)
+                reqs.append((p, k, batcher.add(ids, gen)))
         while batcher.active:
             batcher.step()
         rows = []
@@ -173,7 +179,8 @@ def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, j
             rep = validate(res.raw)
             ref = references[p["id"]]
             v = judge.judge(p["prompt"], Answer(ref["answer"], ref.get("pieces", [])), Answer(res.text, res.pieces))
-            rows.append({"id": p["id"], "prompt": p["prompt"], "sample": k, "raw": res.raw, "text": res.text,
+            rows.append({"id": p["id"], "prompt": p["prompt"], "sample": k,
+                         "greedy": bool(k == 0 and cfg.greedy_candidate), "raw": res.raw, "text": res.text,
                          "tokens": res.tokens, "tag_tokens": res.tag_tokens, "threads": res.threads,
                          "theoretical_speedup": res.theoretical_speedup, "limits_hit": res.limits_hit,
                          "valid": bool(rep.ok and res.text.strip()), "reasons": sorted(set(rep.reasons)),

@@ -3,7 +3,7 @@
 Runs both on the evaluation prompts (a per-category sample by default), in one process, and writes
 bench/results/stage1.json and docs/results-stage1.md (tables split by parallelizable vs not, plus sample answers).
 
-    python bench/stage1.py [--per-category 6] [--pasta pasta] [--baseline baseline] [--max-new-tokens 400]
+    python bench/stage1.py [--per-category 6] [--pasta pasta-stage1] [--baseline baseline] [--max-new-tokens 400]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="eval")
     ap.add_argument("--per-category", type=int, default=6, help="prompts per category (0: all)")
-    ap.add_argument("--pasta", default="pasta", help="adapter of the PASTA model")
+    ap.add_argument("--pasta", default="pasta-stage1", help="adapter of the PASTA model (default: the shipped stage-1 one)")
     ap.add_argument("--baseline", default="baseline", help="adapter of the baseline model")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--max-new-tokens", type=int, default=400)

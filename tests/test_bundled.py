@@ -69,6 +69,12 @@ def shipped():
     return load(None, "fp32", "pasta")
 
 
+@pytest.fixture(scope="module", params=["pasta", "pasta-stage1"])
+def any_shipped(request):
+    """Each shipped PASTA adapter: the default (stage 2) and the stage-1 one it was trained from."""
+    return load(None, "fp32", request.param)
+
+
 def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     """`pasta generate` with no --adapter decodes with the shipped PASTA adapter: on a prompt it answers without
     promises, it writes what HF generate writes with the merged adapter. (With promises the two differ by
@@ -94,12 +100,12 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     ("What is 17 + 25?", False),
     ("What is the capital of Norway?", False),
 ])
-def test_shipped_adapter_forks_on_lists_and_not_on_facts(shipped, prompt, parallel):
-    """The shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact."""
+def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, parallel):
+    """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact."""
     from pastalm.lang.render import render, validate
 
-    eng = Engine(shipped.model, shipped.tokenizer, "pasta")
-    res = eng.generate(chat_prompt(shipped.tokenizer, prompt), GenerateConfig(max_new_tokens=400))
+    eng = Engine(any_shipped.model, any_shipped.tokenizer, "pasta")
+    res = eng.generate(chat_prompt(any_shipped.tokenizer, prompt), GenerateConfig(max_new_tokens=400))
     rep = validate(res.raw)
     assert render(res.raw) == res.text
     if parallel:

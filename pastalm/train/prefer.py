@@ -40,7 +40,7 @@ from .io import append_jsonl, read_jsonl
 @dataclass
 class PreferConfig:
     output: str
-    from_adapter: str  # the stage-1 adapter (a folder, or 'pasta')
+    from_adapter: str  # the adapter to start from (a folder, or a shipped one: 'pasta-stage1', 'pasta')
     prompts: str = "train"
     baseline_adapter: str = "baseline"  # model of the sequential reference answers
     model: str | None = None
@@ -330,7 +330,8 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
     judge = judge or ProxyJudge()
     start = resolve_adapter(cfg.from_adapter, cfg.model)
     if start is None:
-        raise ValueError("--from must name a stage-1 PASTA adapter (a folder from `pasta train sft`, or 'pasta')")
+        raise ValueError("--from must name a PASTA adapter (a folder from `pasta train sft`, 'pasta-stage1' or "
+                         "'pasta')")
     base = load(cfg.model, cfg.dtype, cfg.baseline_adapter)
     refs = reference_answers(Engine(base.model, base.tokenizer, base.name), prompts, cfg, out / "reference.jsonl",
                              progress)

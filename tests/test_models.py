@@ -1,0 +1,39 @@
+"""The adapters shipped in the package: complete, named as the CLI documents, and traceable to how they were made."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from pastalm.models import BUNDLED_ADAPTERS, ModelError, resolve_adapter
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_ADAPTERS))
+def test_shipped_adapter_is_complete(name):
+    folder = BUNDLED_ADAPTERS[name]
+    assert resolve_adapter(name, None) == folder
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    # every LoRA module of the config has its A and B matrices, with the config's rank
+    assert weights and all(min(v.shape) == cfg["r"] for v in weights.values())
+    assert {k.replace("lora_A", "lora_B") for k in weights if "lora_A" in k} == {k for k in weights if "lora_B" in k}
+    records = [r for r in ("pasta_train.json", "pasta_prefer.json") if (folder / r).is_file()]
+    assert records, f"{folder} says nothing about how it was trained"
+
+
+def test_default_pasta_adapter_is_stage2_on_top_of_stage1():
+    """'pasta' (what `pasta generate` uses by default) is the stage-2 adapter; it continues the stage-1 one, so
+    both have the same LoRA modules."""
+    rec = json.loads((BUNDLED_ADAPTERS["pasta"] / "pasta_prefer.json").read_text())
+    assert rec["config"]["from_adapter"] == "pasta-stage1" and rec["round"]["lambda"] == "inf"
+    assert resolve_adapter("auto", None) == BUNDLED_ADAPTERS["pasta"]
+    stage2 = load_file(str(BUNDLED_ADAPTERS["pasta"] / "adapter_model.safetensors"))
+    stage1 = load_file(str(BUNDLED_ADAPTERS["pasta-stage1"] / "adapter_model.safetensors"))
+    assert stage2.keys() == stage1.keys()
+    assert all(stage2[k].shape == stage1[k].shape for k in stage1)
+    assert any(not stage2[k].float().allclose(stage1[k].float()) for k in stage1)
+
+
+def test_unknown_adapter_name_says_what_to_give(tmp_path):
+    with pytest.raises(ModelError, match="pasta-stage1"):
+        resolve_adapter(str(tmp_path / "nope"), None)

@@ -98,7 +98,7 @@ def tiny_setup(tmp_path):
 
 
 def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     folder, stage1, prompts = tiny_setup
     cfg = PreferConfig(output=str(tmp_path / "out"), from_adapter=str(stage1), prompts=str(prompts),
@@ -134,6 +134,12 @@ def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
     # other settings in the same folder are refused
     cfg.temperature = 0.5
     with pytest.raises(ValueError, match="other settings"):
+        run_prefer(cfg, progress=False, judge=LengthJudge())
+    # so is the same --from name pointing at other weights (as when a new 'pasta' adapter is shipped)
+    cfg.temperature = 1.0
+    w = load_file(str(stage1 / "adapter_model.safetensors"))
+    save_file({k: v + 1 for k, v in w.items()}, str(stage1 / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="other weights"):
         run_prefer(cfg, progress=False, judge=LengthJudge())
 
 

@@ -298,6 +298,17 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
 # -- rounds --------------------------------------------------------------------------------------------------------
 
 
+def adapter_digest(folder: Path) -> str:
+    """SHA-256 of an adapter folder's weights file (what a run's --from really was)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def lam_name(lam: float) -> str:
     return "inf" if math.isinf(lam) else f"{lam:g}"
 
@@ -315,11 +326,22 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "prefer_config.json"
+    start = resolve_adapter(cfg.from_adapter, cfg.model)
+    if start is None:
+        raise ValueError("--from must name a PASTA adapter (a folder from `pasta train sft`, 'pasta-stage1' or "
+                         "'pasta')")
     saved = asdict(cfg)
     saved["lambdas"] = [lam_name(x) for x in cfg.lambdas]
+    # a name such as 'pasta' can point at other weights later (a new adapter shipped): the weights are compared
+    saved["from_sha256"] = adapter_digest(start)
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        diff = [k for k in saved if k not in ("rounds", "lambdas") and old.get(k) != saved[k]]
+        if "from_sha256" not in old:  # written before the digest was recorded: nothing to compare with
+            del saved["from_sha256"]
+        elif old["from_sha256"] != saved["from_sha256"]:
+            raise ValueError(f"{out} was started from other weights than --from {cfg.from_adapter} gives now "
+                             f"({start}); pass the adapter the run started from, or a new --output")
+        diff = [k for k in saved if k not in ("rounds", "lambdas", "from_sha256") and old.get(k) != saved[k]]
         if diff:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); resume with the same "
                              "settings or pass a new --output")
@@ -328,10 +350,6 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
     if not prompts:
         raise ValueError(f"--prompts {cfg.prompts}: no prompts")
     judge = judge or ProxyJudge()
-    start = resolve_adapter(cfg.from_adapter, cfg.model)
-    if start is None:
-        raise ValueError("--from must name a PASTA adapter (a folder from `pasta train sft`, 'pasta-stage1' or "
-                         "'pasta')")
     base = load(cfg.model, cfg.dtype, cfg.baseline_adapter)
     refs = reference_answers(Engine(base.model, base.tokenizer, base.name), prompts, cfg, out / "reference.jsonl",
                              progress)

@@ -56,6 +56,18 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     return path
 
 
+def adapter_digest(folder: str | Path) -> str:
+    """SHA-256 of an adapter folder's weights file: which weights a name or path meant at the time (recorded by
+    `pasta train prefer` for its --from, and by scripts/ship_adapter.py for what it shipped)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def bundled_folder() -> Path:
     """Folder of the bundled GGUF (found without importing the package, which needs `llm`)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from pastalm.models import BUNDLED_ADAPTERS, ModelError, resolve_adapter
+from pastalm.models import BUNDLED_ADAPTERS, ModelError, adapter_digest, resolve_adapter
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_ADAPTERS))
@@ -22,12 +22,15 @@ def test_shipped_adapter_is_complete(name):
 
 
 def test_default_pasta_adapter_is_stage2_on_top_of_stage1():
-    """'pasta' (what `pasta generate` uses by default) is the stage-2 adapter; it continues the stage-1 one, so
-    both have the same LoRA modules."""
-    rec = json.loads((BUNDLED_ADAPTERS["pasta"] / "pasta_prefer.json").read_text())
-    assert rec["config"]["from_adapter"] == "pasta-stage1" and rec["round"]["lambda"] == "inf"
-    assert resolve_adapter("auto", None) == BUNDLED_ADAPTERS["pasta"]
-    stage2 = load_file(str(BUNDLED_ADAPTERS["pasta"] / "adapter_model.safetensors"))
+    """'pasta' (what `pasta generate` uses by default) is the lambda-inf stage-2 adapter, and its record describes
+    the weights actually shipped (the digest ship_adapter.py wrote matches the file); it continues the stage-1
+    adapter, so both have the same LoRA modules, with other values."""
+    folder = BUNDLED_ADAPTERS["pasta"]
+    rec = json.loads((folder / "pasta_prefer.json").read_text())
+    assert rec["round"]["lambda"] == "inf" and rec["config"]["greedy_candidate"] is True
+    assert rec["shipped"]["sha256"] == adapter_digest(folder)
+    assert resolve_adapter("auto", None) == folder
+    stage2 = load_file(str(folder / "adapter_model.safetensors"))
     stage1 = load_file(str(BUNDLED_ADAPTERS["pasta-stage1"] / "adapter_model.safetensors"))
     assert stage2.keys() == stage1.keys()
     assert all(stage2[k].shape == stage1[k].shape for k in stage1)

@@ -298,17 +298,6 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
 # -- rounds --------------------------------------------------------------------------------------------------------
 
 
-def adapter_digest(folder: Path) -> str:
-    """SHA-256 of an adapter folder's weights file (what a run's --from really was)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lam_name(lam: float) -> str:
     return "inf" if math.isinf(lam) else f"{lam:g}"
 
@@ -320,7 +309,7 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
     from ..engine import Engine
     from ..eval.judges import ProxyJudge
     from ..eval.speed import stratified
-    from ..models import load, resolve_adapter
+    from ..models import adapter_digest, load, resolve_adapter
     from .prompts import load_prompts
 
     out = Path(cfg.output)

@@ -18,6 +18,7 @@ from pastalm.lang import (
     AsyncOpen,
     Promise,
     ReservePolicy,
+    Stray,
     StreamParser,
     Sync,
     Text,
@@ -27,7 +28,7 @@ from pastalm.lang import (
     tokenize_segments,
     validate,
 )
-from pastalm.lang.tags import MAX_PROMISE_CHARS, PROMISE_RE, parse_promise
+from pastalm.lang.tags import MAX_PROMISE_CHARS, PROMISE_RE, TAG_HEAD_RE, parse_promise
 
 ROLES = ("serialized", "main", "async")
 
@@ -37,11 +38,12 @@ ROLES = ("serialized", "main", "async")
 
 
 def merge_text(events):
-    """Merge adjacent Text events (how many pieces a run of text comes in is not part of the contract)."""
+    """Merge adjacent Text events and adjacent Stray events (how many pieces a run of text comes in is not part
+    of the contract)."""
     out = []
     for e in events:
-        if isinstance(e, Text) and out and isinstance(out[-1], Text):
-            out[-1] = Text(out[-1].raw + e.raw)
+        if isinstance(e, (Text, Stray)) and out and type(out[-1]) is type(e):
+            out[-1] = type(e)(out[-1].raw + e.raw)
         else:
             out.append(e)
     return out
@@ -150,7 +152,7 @@ def check_recognized(events, role):
         end = closes[0] if closes else len(events)
         for i, e in enumerate(events):
             if i != end:
-                assert isinstance(e, Text), e
+                assert isinstance(e, (Text, Stray)), e
             if i < end:
                 assert ASYNC_CLOSE not in e.raw, e
 
@@ -170,6 +172,9 @@ def test_stream_parser_properties(tp):
                 assert parse_promise(e.raw) == (e.topic, e.tokens)
                 assert e.tokens > 0 and '"' not in e.topic
         check_recognized(events, role)
+        for e in events:  # no tag head is ever text: it is a tag, or a stray that is not rendered
+            if isinstance(e, Text):
+                assert not TAG_HEAD_RE.search(e.raw), e
 
     # render: the Text events of the one-shot serialized parse, i.e. the input minus every tag's raw.
     events = parse(text)
@@ -224,20 +229,23 @@ def test_canonical_example_render():
     assert render(CANONICAL) == CANONICAL_RENDERED
 
 
-def test_async_not_after_promise_is_text():
-    """In the serialized role, `<async>` that does not directly follow a promise is text."""
-    assert merge_text(parse("a <async>b</async>")) == [Text("a <async>b</async>")]
+def test_async_not_after_promise_is_stray():
+    """In the serialized role, `<async>` that does not directly follow a promise is a stray (and so is the
+    `</async>` that has no block to close): kept in the raw form, not rendered."""
+    assert merge_text(parse("a <async>b</async>")) == [Text("a "), Stray("<async>"), Text("b"), Stray("</async>")]
     events = merge_text(parse('<promise topic="t" tokens="3"/> <async>x</async>'))
-    assert kinds(events) == ["Promise", "Text"]
-    assert events[1] == Text(" <async>x</async>")
+    assert kinds(events) == ["Promise", "Text", "Stray", "Text", "Stray"]
+    assert render('<promise topic="t" tokens="3"/> <async>x</async>') == " x"
 
 
-def test_tags_inside_block_are_text():
-    """Inside a block only `</async>` is a tag; promises, `<sync/>` and `<async>` are plain chunk text."""
+def test_tags_inside_block_are_strays():
+    """Inside a block only `</async>` is a tag; promises, `<sync/>` and `<async>` written there are strays."""
     inner = 'x <sync/> <promise topic="b" tokens="2"/> <async> y'
     events = merge_text(parse(f'<promise topic="a" tokens="3"/><async>{inner}</async>'))
-    assert kinds(events) == ["Promise", "AsyncOpen", "Text", "AsyncClose"]
-    assert events[2] == Text(inner)
+    assert kinds(events) == ["Promise", "AsyncOpen", "Text", "Stray", "Text", "Stray", "Text", "Stray", "Text",
+                             "AsyncClose"]
+    assert "".join(e.raw for e in events[2:-1]) == inner
+    assert render(f'<promise topic="a" tokens="3"/><async>{inner}</async>') == "x    y"
 
 
 @pytest.mark.parametrize(
@@ -252,12 +260,24 @@ def test_tags_inside_block_are_text():
         '<promise topic="ab tokens="3"/>',
         '<promise topic=t tokens="3"/>',
         '<promise topic="t" tokens="3">',
+        "<sync>",
+        "<async/>",
+        "</sync>",
     ],
 )
-def test_invalid_promise_is_text(tag):
-    """A promise with a bad tokens value, a quoting problem or a bad ending is text, in both main roles."""
+def test_invalid_tag_is_stray(tag):
+    """A promise with a bad tokens value, a quoting problem or a bad ending, or a misspelt tag, is a stray in both
+    main roles: the raw form keeps it, the reader never sees it."""
     for role in ("serialized", "main"):
-        assert merge_text(parse(f"a{tag}b", role)) == [Text(f"a{tag}b")]
+        assert merge_text(parse(f"a{tag}b", role)) == [Text("a"), Stray(tag), Text("b")]
+    assert render(f"a{tag}b") == "ab"
+
+
+def test_html_and_comparisons_stay_text():
+    """Only the PASTA tag names make a tag: HTML, comparisons and lookalike names are text."""
+    for text in ("a < b and c<d", "<p>hi</p> <a href='x'>", "<s>", "<asyncio>", "<promises>", "<sync-point>",
+                 "x <", "<prom"[:1]):
+        assert merge_text(parse(text)) == [Text(text)], text
 
 
 def test_unknown_attributes_ignored():
@@ -268,15 +288,15 @@ def test_unknown_attributes_ignored():
 
 
 def test_unicode_digit_tokens_do_not_crash():
-    """A promise whose tokens value is a non-decimal unicode digit ('²', '①') is text and never raises."""
+    """A promise whose tokens value is a non-decimal unicode digit ('²', '①') is a stray and never raises."""
     for value in ("²", "①"):
         tag = f'<promise topic="t" tokens="{value}"/>'
         for role in ("serialized", "main"):
             try:
                 events = parse(tag, role)
-            except ValueError as exc:  # DESIGN.md 1: malformed tags never crash anything
+            except ValueError as exc:  # malformed tags never crash anything
                 pytest.fail(f"parse({tag!r}, {role!r}) raised {exc!r}")
-            assert merge_text(events) == [Text(tag)]
+            assert merge_text(events) == [Stray(tag)]
 
 
 def test_char_by_char_equals_one_shot():
@@ -295,19 +315,37 @@ def test_partial_tag_held_until_decided():
     assert p.close() == []
     q = StreamParser("main")
     assert q.feed("x <syn") == [Text("x ")]
-    assert q.close() == [Text("<syn")]
+    assert q.close() == [Stray("<syn")]  # a tag cut by the end of the thread is never shown
+    r = StreamParser("main")
+    assert r.feed("x <") == [Text("x ")]
+    assert r.close() == [Text("<")]  # a lone '<' is text
 
 
-def test_long_promise_prefix_is_released_as_text():
-    """A '<promise ' prefix longer than the hold limit and without '>' comes out of feed() as text."""
+def test_tag_cut_by_a_limit_is_stray_in_every_role():
+    """A thread that stops in the middle of a tag (a token limit) leaves a stray, not text, in every role."""
+    cut = '...can help improve<promise topic="improved" tokens="50'
+    for role in ROLES:
+        events = merge_text(parse(cut, role))
+        assert events == [Text("...can help improve"), Stray('<promise topic="improved" tokens="50')], role
+
+
+def test_fragment_ends_at_line_break_or_angle():
+    """A broken tag ends at its first '>', or before a '<' or a line break: the text after it is kept."""
+    assert merge_text(parse('a<promise topic="x\nnext line')) == [Text("a"), Stray('<promise topic="x'),
+                                                                   Text("\nnext line")]
+    assert merge_text(parse("a<sync <b>")) == [Text("a"), Stray("<sync "), Text("<b>")]
+
+
+def test_long_promise_prefix_is_cut_at_the_hold_limit():
+    """A '<promise ' prefix longer than the hold limit and without '>' comes out of feed() as a stray of the hold
+    limit's length, the rest as text, as soon as it passes the limit."""
     prefix = "<promise " + "a" * (MAX_PROMISE_CHARS + 50)
     for role in ("serialized", "main"):
         p = StreamParser(role)
         out = p.feed(prefix)
         assert "".join(e.raw for e in out) == prefix
-        assert all(isinstance(e, Text) for e in out)
+        assert out[0] == Stray(prefix[:MAX_PROMISE_CHARS]) and merge_text(out[1:]) == [Text(prefix[MAX_PROMISE_CHARS:])]
         assert p.close() == []
-        # Same when it arrives one character at a time: released as soon as it passes the limit.
         q = StreamParser(role)
         released = []
         for c in prefix:
@@ -319,7 +357,7 @@ def test_long_promise_prefix_is_released_as_text():
 def test_async_role_after_close_is_text():
     """In the async role, `</async>` ends the block and everything after it is text."""
     events = merge_text(parse("chunk <sync/></async> more </async><sync/>", "async"))
-    assert events == [Text("chunk <sync/>"), AsyncClose(), Text(" more </async><sync/>")]
+    assert events == [Text("chunk "), Stray("<sync/>"), AsyncClose(), Text(" more "), Stray("</async><sync/>")]
 
 
 def test_bad_role_raises():
@@ -356,6 +394,7 @@ def test_validate_plain_text_ok_without_require_promise():
         'a <promise topic="t" tokens="0"/> b',  # malformed promise in main text
         "a <sync> b",  # malformed sync in main text
         "a </async> b",  # stray close in main text
+        '<promise topic="t" tokens="3"/><async>x <sync/></async>',  # a tag inside a block
     ],
 )
 def test_validate_problems(annotated):

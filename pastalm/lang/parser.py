@@ -10,13 +10,18 @@ Contexts (roles):
 - "main": a main thread as the engine decodes it: promises and `<sync/>` only (blocks are separate threads).
   `expect_block()` lets the next `<async>` open an inline block (the engine's fallback past its thread limit).
 - "async": an async thread after its forced `<async>`: only `</async>` is a tag; after it everything is text.
+
+A tag (or the cut start of one) that has no effect where it stands is a `Stray` event: a promise inside a block,
+`<async>` not right after a promise, `<sync/>` in a block, a malformed promise, `<sync>`, or a fragment such as
+`<promise topic="x" tokens="5` left at the end by a limit. Strays are kept in the raw form and never rendered, so
+no tag reaches the reader whatever the model writes or where a limit cuts it (docs/spec.md, "Stray tags").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tags import ASYNC_CLOSE, ASYNC_OPEN, MAX_PROMISE_CHARS, PROMISE_HEAD, SYNC, parse_promise
+from .tags import ASYNC_CLOSE, ASYNC_OPEN, MAX_PROMISE_CHARS, SYNC, TAG_HEAD_RE, TAG_HEADS, parse_promise
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,14 @@ class Sync:
     raw: str = SYNC
 
 
-Event = Text | Promise | AsyncOpen | AsyncClose | Sync
+@dataclass(frozen=True)
+class Stray:
+    """A tag or tag fragment with no effect in its context: kept in the raw form, never rendered."""
+
+    raw: str
+
+
+Event = Text | Promise | AsyncOpen | AsyncClose | Sync | Stray
 
 # Parser states.
 MAIN, AFTER_PROMISE, IN_BLOCK, CLOSED = range(4)
@@ -99,10 +111,14 @@ class StreamParser:
         return out
 
     def close(self) -> list[Event]:
-        """End of input: whatever is held back is text."""
+        """End of input: a held-back tag start of two or more characters (`<p`, `<promise topic="a`) is a stray
+        (a tag cut by a limit); a lone `<` is text."""
         out: list[Event] = []
         if self._held:
-            self._text(out, self._held)
+            if len(self._held) >= 2:
+                out.append(Stray(self._held))
+            else:
+                self._text(out, self._held)
             self._held = ""
         return out
 
@@ -117,6 +133,9 @@ class StreamParser:
             out.append(Text(s))
 
     def _event(self, out: list[Event], ev: Event) -> None:
+        if isinstance(ev, Stray):
+            out.append(ev)  # no effect on the state: a stray is as if it were not there
+            return
         if isinstance(ev, Promise):
             self.state = AFTER_PROMISE if self.role == "serialized" else MAIN
         elif isinstance(ev, AsyncOpen):
@@ -137,40 +156,36 @@ class StreamParser:
         return ((SYNC, Sync),)
 
     def _match(self, buf: str, j: int) -> tuple[int, int, Event | None]:
-        """Classify buf[j:] (which starts with '<') as a complete tag, a possible prefix of one, or neither."""
+        """Classify buf[j:] (which starts with '<') as a complete tag or stray, a possible start of one, or
+        neither."""
         s = buf[j : j + MAX_PROMISE_CHARS + 1]
-        partial = False
         for tag, cls in self._fixed_tags():
             if s.startswith(tag):
                 return _COMPLETE, len(tag), cls()
-            if tag.startswith(s):
-                partial = True
-        if self.state in (MAIN, AFTER_PROMISE):
-            status, length, ev = _match_promise(s)
-            if status != _NONE:
-                return status, length, ev
-        return (_PARTIAL, 0, None) if partial else (_NONE, 0, None)
+        head = TAG_HEAD_RE.match(s)
+        if head is None:
+            return (_PARTIAL, 0, None) if any(h.startswith(s) for h in TAG_HEADS) else (_NONE, 0, None)
+        end = _fragment_end(s, head.end())
+        if end is None:
+            return _PARTIAL, 0, None
+        frag = s[:end]
+        if self.state in (MAIN, AFTER_PROMISE) and frag.startswith("<promise"):
+            parsed = parse_promise(frag)
+            if parsed is not None:
+                return _COMPLETE, end, Promise(parsed[0], parsed[1], frag)
+        return _COMPLETE, end, Stray(frag)
 
 
-def _match_promise(s: str) -> tuple[int, int, Event | None]:
-    head = PROMISE_HEAD
-    if len(s) <= len(head):
-        return (_PARTIAL, 0, None) if head.startswith(s) else (_NONE, 0, None)
-    if not s.startswith(head) or not (s[len(head)].isspace() or s[len(head)] == "/"):
-        return _NONE, 0, None
-    end = s.find(">", len(head))
-    lt = s.find("<", 1)
-    if end < 0:
-        if lt >= 0 or len(s) > MAX_PROMISE_CHARS:
-            return _NONE, 0, None
-        return _PARTIAL, 0, None
-    if 0 <= lt < end:
-        return _NONE, 0, None
-    tag = s[: end + 1]
-    parsed = parse_promise(tag)
-    if parsed is None:
-        return _NONE, 0, None
-    return _COMPLETE, len(tag), Promise(parsed[0], parsed[1], tag)
+def _fragment_end(s: str, start: int) -> int | None:
+    """End of the tag fragment that starts s (its head ends at `start`): after the first '>', before a '<' or a
+    line break, or at MAX_PROMISE_CHARS; None while none of these has arrived yet."""
+    for k in range(start, min(len(s), MAX_PROMISE_CHARS)):
+        c = s[k]
+        if c == ">":
+            return k + 1
+        if c in "<\n":
+            return k
+    return MAX_PROMISE_CHARS if len(s) > MAX_PROMISE_CHARS else None
 
 
 def parse(text: str, role: str = "serialized") -> list[Event]:

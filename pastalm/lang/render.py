@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .parser import AsyncClose, AsyncOpen, Event, Promise, Sync, Text, parse
+from .parser import AsyncClose, AsyncOpen, Event, Promise, Stray, Sync, Text, parse
 
 # Segment kinds, in the vocabulary the layout uses.
 TEXT, PROMISE, OPEN, CHUNK, CLOSE, SYNC_KIND = "text", "promise", "open", "chunk", "close", "sync"
@@ -24,7 +24,7 @@ class Segment:
 
 
 def render(annotated: str) -> str:
-    """The user-visible answer: tags removed, each promise replaced by its chunk."""
+    """The user-visible answer: tags and stray tag fragments removed, each promise replaced by its chunk."""
     return "".join(e.raw for e in parse(annotated) if isinstance(e, Text))
 
 
@@ -33,8 +33,8 @@ def segments(annotated: str) -> list[Segment]:
     out: list[Segment] = []
     in_block = False
     for e in parse(annotated):
-        if isinstance(e, Text):
-            kind = CHUNK if in_block else TEXT
+        if isinstance(e, (Text, Stray)):  # a stray is tokens its thread wrote, like text (never trained on:
+            kind = CHUNK if in_block else TEXT  # `validate` rejects it)
             if out and out[-1].kind == kind:
                 out[-1] = Segment(kind, out[-1].text + e.raw)
             else:
@@ -87,6 +87,8 @@ def validate(annotated: str, original: str | None = None, require_promise: bool 
             open_block = False
         elif isinstance(e, Sync):
             rep.syncs += 1
+        elif isinstance(e, Stray):
+            rep.add("malformed-tag", f"a tag or tag fragment with no effect where it stands: {e.raw[:40]!r}")
         elif isinstance(e, Text) and not open_block:
             for frag in ("<promise", "<sync", "<async", "</async"):
                 if frag in e.raw:

@@ -13,14 +13,22 @@ ASYNC_CLOSE = "</async>"
 SYNC = "<sync/>"
 PROMISE_HEAD = "<promise"
 
-# A promise is `<promise` + attributes + `/>`. Attribute values are double-quoted and hold no quote.
-# Unknown attributes are ignored; `tokens` must be a positive integer. Anything else is not a tag.
-_ATTR = r'\s+[A-Za-z_][\w-]*="[^"<>]*"'
-PROMISE_RE = re.compile(r"<promise((?:" + _ATTR + r")*)\s*/>")
-_ATTR_RE = re.compile(r'([A-Za-z_][\w-]*)="([^"<>]*)"')
+# A promise is `<promise` + attributes + `/>` on one line. Attribute values are double-quoted and hold no quote.
+# Unknown attributes are ignored; `tokens` must be a positive integer. Anything else is not a promise.
+_ATTR = r'[ \t]+[A-Za-z_][\w-]*="[^"<>\n]*"'
+PROMISE_RE = re.compile(r"<promise((?:" + _ATTR + r")*)[ \t]*/>")
+_ATTR_RE = re.compile(r'([A-Za-z_][\w-]*)="([^"<>\n]*)"')
 
-# Longest promise tag the streaming parser will hold back while waiting for its `/>`; past this it is text.
+# Longest tag the streaming parser will hold back while waiting for its `>`; a longer one ends there.
 MAX_PROMISE_CHARS = 256
+
+# Tag heads: `<` or `</` and a tag name not followed by a name character. Text that starts with a head is a tag
+# fragment up to its first `>` (inclusive), or up to a `<` or a line break (exclusive), or MAX_PROMISE_CHARS. A
+# fragment that is not a tag legal where it stands is a *stray*: kept in the raw form, never rendered
+# (docs/spec.md, "Stray tags"). So no tag, whole or cut, reaches the reader.
+TAG_NAMES = ("promise", "async", "sync")
+TAG_HEADS = tuple(f"<{slash}{name}" for name in TAG_NAMES for slash in ("", "/"))
+TAG_HEAD_RE = re.compile(r"</?(?:promise|async|sync)(?![\w-])")
 
 
 def parse_promise(tag: str) -> tuple[str, int] | None:

@@ -76,13 +76,27 @@ class StructuralAnnotator:
     The whitespace after an item stays inside its chunk, so main writes promises back to back. Without a
     list, an answer of >= `min_paragraphs` long prose paragraphs has its middle paragraphs annotated (the
     first stays in main as the introduction). Items shorter than `min_chars` on average are left alone: a
-    promise costs main about a dozen tokens, so a short chunk is not worth one."""
+    promise costs main about a dozen tokens, so a short chunk is not worth one.
+
+    `scheme` picks the annotation (docs/spec.md, "Annotation schemes"):
+    - "v2" (the default): each item's *lead* stays in main, on the critical path, before its promise: the list
+      marker and number and the item's header (`2. **Design**:`), or its first clause or first words when it
+      has no header; so is the whitespace between items. The block holds only the body. Numbering, layout and
+      the outline are written in order by main, every block sees the leads of all earlier items, and no two
+      chunks can touch. Topics are the lead's key words, distinct within an answer.
+    - "v1": the whole item, its marker and the whitespace after it, is the block; topics are two words."""
 
     name = "structural"
     min_items: int = 2
     min_chars: int = 50
     min_paragraphs: int = 3
     min_paragraph_chars: int = 160
+    scheme: str = "v2"
+    lead_words: int = 4  # v2: an item without a header or short first clause keeps this many words in main
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"annotation scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
 
     def annotate(self, prompt: str, answer: str) -> str:
         lists = self._lists(answer)
@@ -164,7 +178,11 @@ class StructuralAnnotator:
         out, pos = [], 0
         for spans in lists:
             out.append(answer[pos:spans[0][0]])
+            topics: set[str] = set()
             for k, (s, e) in enumerate(spans):
+                if self.scheme == "v2":
+                    out.append(self._item_v2(answer[s:e], k, topics))
+                    continue
                 out.append(promise_tag(topic_of(answer[s:e]) or f"part {k + 1}", 1))
                 out.append(ASYNC_OPEN + answer[s:e] + ASYNC_CLOSE)
             pos = spans[-1][1]
@@ -183,7 +201,11 @@ class StructuralAnnotator:
         if any(len(p.strip()) < self.min_paragraph_chars or "\n" in p.strip() for p in middle):
             return answer
         out = [parts[0]]
+        topics: set[str] = set()
         for k, p in enumerate(middle):
+            if self.scheme == "v2":
+                out.append(self._item_v2(p, k, topics))
+                continue
             out.append(promise_tag(topic_of(p) or f"part {k + 1}", 1) + ASYNC_OPEN + p + ASYNC_CLOSE)
         if len(parts) > len(middle) + 1:
             last = parts[-1]
@@ -191,6 +213,68 @@ class StructuralAnnotator:
                 out.append(SYNC)
             out.append(last)
         return "".join(out)
+
+
+    # --- v2 --------------------------------------------------------------------------------------------
+    def _item_v2(self, item: str, k: int, topics: set[str]) -> str:
+        """One item (or paragraph) in the v2 scheme: lead in main, promise, body in the block, trailing whitespace
+        in main. An item with nothing after its lead stays main text."""
+        cut = lead_end(item, self.lead_words)
+        lead, rest = item[:cut], item[cut:]
+        body = rest.rstrip()
+        if not body.strip():
+            return item
+        topic = distinct_topic(lead_topic(lead) or topic_of(item, 4), item, k, topics)
+        return lead + promise_tag(topic, 1) + ASYNC_OPEN + body + ASYNC_CLOSE + rest[len(body):]
+
+
+SCHEMES = ("v2", "v1")
+_CLAUSE_END = re.compile(r"[:,;.!?]")
+
+
+def lead_end(item: str, words: int = 4) -> int:
+    """Where an item's lead ends (v2): after its marker, a markdown heading line, a bold header (with the colon that
+    follows it), a first clause ending in ':' within 8 words, one ending in ',' within 6 words, or else the first
+    `words` words. Whitespace after the lead belongs to the body."""
+    m = _ITEM.match(item)
+    start = m.end() - 1 if m else len(item) - len(item.lstrip())
+    if m and m.group("head"):
+        nl = item.find("\n", start)
+        return nl if nl >= 0 else len(item)
+    text = item[start:]
+    bold = re.match(r"\*\*[^*\n]+?\*\*:?", text)
+    if bold:
+        return start + bold.end()
+    first_line = text.split("\n", 1)[0]
+    c = _CLAUSE_END.search(first_line)
+    if c and c.group() in ":," and len(first_line[:c.start()].split()) <= (8 if c.group() == ":" else 6):
+        return start + c.end()
+    spans = [w.end() for w in re.finditer(r"\S+", first_line)]
+    if not spans:
+        return start
+    return start + spans[min(words, len(spans)) - 1]
+
+
+def lead_topic(lead: str, max_words: int = 4) -> str:
+    """The key words of a lead: without its marker, markup and trailing stop words, lower-cased."""
+    m = _ITEM.match(lead)
+    text = lead[m.end() - 1:] if m and not m.group("head") else lead.lstrip(" \t#")
+    words = _BAD_TOPIC.sub("", text).replace(":", " ").split()[:max_words + 2]
+    while words and (len(words) > max_words or words[-1].lower() in _STOP):
+        words.pop()
+    return " ".join(words).strip(" :.,;!?").lower()
+
+
+def distinct_topic(topic: str, item: str, k: int, used: set[str]) -> str:
+    """Make a topic distinct within one list: a topic already used takes more of the item's words, then its
+    ordinal."""
+    if not topic:
+        topic = f"part {k + 1}"
+    if topic in used:
+        longer = topic_of(item, 7)
+        topic = longer if longer and longer not in used else f"{topic} {k + 1}"
+    used.add(topic)
+    return topic
 
 
 # --- validation -------------------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     trainer = LayoutTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=LayoutCollator(pad, next(model.parameters()).dtype), callbacks=callbacks)
     t0 = time.perf_counter()
-    result = trainer.train()
+    # A rerun into the same folder resumes from its last checkpoint (optimizer and data order included).
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    result = trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
     seconds = time.perf_counter() - t0
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -107,6 +107,10 @@ def _decoding_args(g) -> None:
     g.add_argument("--async-factor", type=_nonneg_float, default=2.0,
                    help="an async block may write this many times its promised tokens")
     g.add_argument("--async-cap", type=_positive_int, default=512, help="hard cap on one async block's tokens")
+    g.add_argument("--max-promises", type=_positive_int,
+                   help="runaway guard: main ends at a promise past this many in one answer (default: no limit)")
+    g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=False,
+                   help="runaway guard: main ends at a promise whose topic repeats an earlier one's")
     g.add_argument("--max-context", type=_positive_int, help="cache slots per request (default: the model's)")
     g.add_argument("--reserve-scale", type=_nonneg_float, default=1.0,
                    help="positions reserved per block: ceil(scale * tokens) + tag overhead; 0 reserves none")
@@ -120,14 +124,16 @@ def _decoding_config(args, sequential: bool = False):
 
     return GenerateConfig(
         max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
-        max_threads=args.max_threads, max_context=args.max_context, reserve_scale=args.reserve_scale,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=sequential)
+        max_threads=args.max_threads, max_promises=args.max_promises, repeat_guard=args.repeat_guard,
+        max_context=args.max_context, reserve_scale=args.reserve_scale, temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=sequential)
 
 
 def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="compare sequential, PASTA and Skeleton-of-Thought decoding on a prompt set")
     e.add_argument("--prompts", default="eval", help="'eval', 'train' or a JSONL file with a 'prompt' field")
-    e.add_argument("--modes", default="sequential,pasta,sot", help="comma-separated: sequential, pasta, sot")
+    e.add_argument("--modes", default="sequential,pasta,sot,reference",
+                   help="comma-separated: sequential, pasta, sot, reference (the base model: the proxy judges every "
+                        "mode against it), sample (a sampled second sequential answer: the proxy's noise floor)")
     e.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes)")
     e.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     e.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -137,6 +143,8 @@ def _eval_parser(sub) -> None:
     e.add_argument("--baseline-adapter", default="auto",
                    help="adapter of the sequential and sot modes: 'auto' (the shipped baseline adapter on the "
                         "bundled model, none on others), 'baseline', 'none' or a folder")
+    e.add_argument("--reference-adapter", default="none",
+                   help="adapter of the reference mode (default: none, the base model the adapters were trained on)")
     e.add_argument("--system", help="system message for the chat template")
     e.add_argument("--limit", type=_positive_int, help="only the first N prompts (after --per-category)")
     e.add_argument("--per-category", type=_positive_int,
@@ -464,7 +472,8 @@ def evaluate(args) -> int:
     base_adapter = args.baseline_adapter
     if base_adapter == "auto":
         base_adapter = "baseline" if resolve_adapter("auto", args.model) is not None else "none"
-    wanted = {"sequential": base_adapter, "sot": base_adapter}
+    wanted = {"sequential": base_adapter, "sot": base_adapter, "sample": base_adapter,
+              "reference": args.reference_adapter}
     if len(adapters) == 1:
         wanted["pasta"] = next(iter(adapters.values()))
     else:

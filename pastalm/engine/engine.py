@@ -26,6 +26,8 @@ class GenerateConfig:
         temperature: 0 is greedy.
         top_p: nucleus sampling threshold in (0, 1].
         seed: seeds every thread's own generator.
+        max_promises: runaway guard: main ends at a promise past this many (None: no limit).
+        repeat_guard: runaway guard: main ends at a promise whose topic repeats an earlier one's.
         sequential: decode everything in main, one token at a time (the baseline).
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
     """
@@ -34,6 +36,8 @@ class GenerateConfig:
     async_factor: float = 2.0
     async_cap: int = 512
     max_threads: int = 8
+    max_promises: int | None = None
+    repeat_guard: bool = False
     max_context: int | None = None
     reserve_scale: float = 1.0
     temperature: float = 0.0
@@ -53,7 +57,8 @@ class GenerateConfig:
 
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,
-                      self.max_context or max_positions, max_positions)
+                      max_context=self.max_context or max_positions, max_positions=max_positions,
+                      max_promises=self.max_promises, repeat_guard=self.repeat_guard)
 
 
 @dataclass

@@ -39,6 +39,8 @@ class Limits:
     async_factor: float = 2.0  # a block's chunk may take factor * promised tokens (+ its two tags) ...
     async_cap: int = 512  # ... but never more than this (+ its two tags)
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
+    max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
+    repeat_guard: bool = False  # runaway guard: main ends at a promise whose topic an earlier promise had
     max_context: int | None = None  # cache slots (prompt + every written token)
     max_positions: int | None = None  # rotary positions the model supports
 
@@ -50,6 +52,8 @@ class Limits:
             raise ValueError(f"async_factor must be > 0, got {self.async_factor}")
         if self.max_threads < 0:
             raise ValueError(f"max_threads must be >= 0, got {self.max_threads}")
+        if self.max_promises is not None and self.max_promises < 1:
+            raise ValueError(f"max_promises must be a positive integer, got {self.max_promises}")
         for name in ("max_context", "max_positions"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -76,6 +80,7 @@ class Thread:
     start_clock: int = 0  # critical-path clock when it started
     script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
     pending_forks: list[tuple[int, int, int]] = field(default_factory=list)  # (event index, tokens, ordinal)
+    inline_pending: bool = False  # main: a promise past the thread limit waits for its forced <async>
 
     @property
     def is_main(self) -> bool:
@@ -122,6 +127,7 @@ class Interpreter:
         self.open_block_scripts = open_block_scripts  # a block's script is a forced prefix, then it decodes freely
         self.limits_hit: list[str] = []
         self.num_promises = 0
+        self.topics: set[str] = set()  # normalized topics of main's promises so far (the repeat guard)
         self.num_slots = 0
         self.clock = 0  # critical-path length of main so far, in written tokens
         self.critical = 0  # longest finished path so far
@@ -252,6 +258,8 @@ class Interpreter:
             self.clock += 1
         for ev in t.parser.feed(t.detok.add(token)):
             self._on_event(t, ev)
+        if t.inline_pending and t.status == Status.RUNNING:  # after every event of this token: text that came
+            self._open_inline(t)  # with the promise's end precedes the block
         if not t.is_main and t.status == Status.RUNNING and t.num_generated >= t.budget:
             t.status, t.finish = Status.FINISHING, "budget"
             self._hit(f"async_budget(thread {t.id})")
@@ -266,6 +274,8 @@ class Interpreter:
                 t.status, t.finish = Status.FINISHING, "close"
             return
         if isinstance(ev, Promise) and not t.parser.in_block:
+            if self._runaway(ev):
+                return
             ordinal = self.num_promises
             self.num_promises += 1
             if not self.sequential and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
@@ -276,13 +286,47 @@ class Interpreter:
                     script = self._block_script(ordinal)
                     if script is not None:  # replay: main writes this block's tokens itself
                         t.script[t.num_chosen : t.num_chosen] = script
-                t.parser.expect_block()  # decode this block inline, in main
-                t.tokens.extend(self.open_ids)
-                self.clock += len(self.open_ids)
-                for i in self.open_ids:
-                    t.events.extend(t.parser.feed(t.detok.add(i)))
+                t.inline_pending = True  # decode this block inline, in main
         elif isinstance(ev, Sync):
             t.status = Status.WAITING
+
+    def _runaway(self, ev: Promise) -> bool:
+        """The runaway guards (docs/spec.md, "Limits"): a promise past `max_promises`, or one whose topic repeats an
+        earlier promise's (`repeat_guard`), ends main there: the promise forks nothing, the blocks already forked
+        finish, and `limits_hit` says which guard ended it. Main's text so far stays, and the raw form keeps the
+        promise."""
+        lim = self.limits
+        key = " ".join(ev.topic.lower().split())
+        if lim.max_promises is not None and self.num_promises >= lim.max_promises:
+            reason = "max_promises"
+        elif lim.repeat_guard and key and key in self.topics:
+            reason = "repeated_topic"
+        else:
+            self.topics.add(key)
+            return False
+        main = self.main
+        main.finish = reason
+        self._hit(reason)
+        self._done(main)
+        return True
+
+    def _open_inline(self, t: Thread) -> None:
+        """Force the `<async>` of a block main decodes inline. When the token that completed the promise also began
+        the next tag (`"/` + `><`), the parser holds that '<': force only the rest of `<async>`, so the text reads
+        `"/><async>` and not `"/><<async>` (which would leave the '<' as text and the block unopened). Anything
+        else held back is let go first (a stray)."""
+        t.inline_pending = False
+        held = t.parser.held
+        if held and ASYNC_OPEN.startswith(held):
+            ids = list(self.tokenizer.encode(ASYNC_OPEN[len(held):], add_special_tokens=False))
+        else:
+            t.events.extend(t.parser.close())
+            ids = self.open_ids
+        t.parser.expect_block()
+        t.tokens.extend(ids)
+        self.clock += len(ids)
+        for i in ids:
+            t.events.extend(t.parser.feed(t.detok.add(i)))
 
     def _done(self, t: Thread) -> None:
         t.status = Status.DONE
@@ -330,11 +374,14 @@ class Interpreter:
     def _compose(self, raw: bool, complete: bool) -> str:
         out = []
         main = self.main
+        waiting = {e for e, _, _ in main.pending_forks}  # promises whose block forks at the next step
         for i, ev in enumerate(main.events):
             if raw or isinstance(ev, Text):
                 out.append(ev.raw)
             tid = main.forks.get(i)
             if tid is None:
+                if i in waiting and not raw and not complete:
+                    break  # its block comes next in reading order; text after the promise must wait for it
                 continue
             b = self.threads[tid]
             if raw:

@@ -3,7 +3,14 @@
 Modes:
 - `sequential`: the baseline model (`--baseline-adapter`) decoding one token at a time; every ratio divides by it;
 - `pasta`: the PASTA model (`--adapter`) decoding asynchronously;
-- `sot`: Skeleton-of-Thought on the baseline model, points expanded through the same fork machinery.
+- `sot`: Skeleton-of-Thought on the baseline model, points expanded through the same fork machinery;
+- `reference`: the base model without an adapter (`--reference-adapter`), greedy and sequential. When it is in the
+  run, the proxy judge scores *every* mode against it, sequential included, so no mode is its own reference;
+- `sample`: the baseline model again, sequential, sampled (temperature 0.7, top-p 0.95): a second answer of the
+  sequential model. Its quality against sequential's is the proxy's noise floor.
+
+Every answer is also checked for visible defects (`defects.py`: tag leaks, runaways, cut chunks, glued items,
+broken numbering, duplicate items), the same checks in every mode.
 
 For each prompt the modes run back to back in an order that rotates from prompt to prompt, after one untimed
 warm-up per engine, so that drift in the machine's speed hits every mode alike (DESIGN.md section 5). Results are
@@ -24,11 +31,13 @@ from tqdm.auto import tqdm
 from ..engine import Engine, GenerateConfig
 from ..models import chat_prompt
 from ..train.io import append_jsonl, read_jsonl
+from .defects import DEFECTS, defects
 from .judges import Answer, Judge, lc_win_rate, win_rate
 from .sot import sot_generate
-from .speed import geomean, machine, timestamp, validity
+from .speed import geomean, machine, paired_bootstrap, timestamp, validity
 
-MODES = ("sequential", "pasta", "sot")
+MODES = ("sequential", "pasta", "sot", "reference", "sample")
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.7, 0.95
 
 
 def is_pasta(mode: str) -> bool:
@@ -93,8 +102,11 @@ def generate_all(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfi
                 continue
             eng = engines[mode]
             ids = chat_prompt(eng.tokenizer, p["prompt"], cfg.system)
-            if mode == "sequential":
+            if mode in ("sequential", "reference"):
                 rec = _record(p, mode, eng.name, eng.generate(ids, seq_cfg))
+            elif mode == "sample":
+                sample_cfg = replace(seq_cfg, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=i)
+                rec = _record(p, mode, eng.name, eng.generate(ids, sample_cfg))
             elif is_pasta(mode):
                 res = eng.generate(ids, replace(cfg.generate, sequential=False))
                 rec = _record(p, mode, eng.name, res)
@@ -116,23 +128,45 @@ def generate_all(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfi
     return done
 
 
+def reference_mode(records: list[dict], judge: Judge) -> str:
+    """The answers a judge compares with: `reference` for a judge that scores one answer against another
+    (proxy) when the run has that mode, else `sequential` (a pairwise judge's win rate is against sequential)."""
+    if not judge.pairwise and any(r["mode"] == "reference" for r in records):
+        return "reference"
+    return "sequential"
+
+
 def judge_all(records: list[dict], judge: Judge, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Judge every non-sequential answer against the sequential answer to the same prompt (and, for a judge
-    that is not pairwise, the sequential answer against itself); cached in `out_dir/judgments.jsonl`."""
+    """Judge every answer against the reference mode's answer to the same prompt (`reference_mode`): a pairwise
+    judge skips sequential (it is the other side), the proxy scores every mode but the reference itself, or, in a
+    run without `reference`, sequential against itself (content 1 by construction). Cached in
+    `out_dir/judgments.jsonl`; each judgment names its reference (`ref`)."""
     path = out_dir / "judgments.jsonl"
-    done = [j for j in (read_jsonl(path) if path.exists() else []) if j["judge"] == judge.name]
+    ref_mode = reference_mode(records, judge)
+    done = [j for j in (read_jsonl(path) if path.exists() else [])
+            if j["judge"] == judge.name and j.get("ref", "sequential") == ref_mode]
     have = {(j["id"], j["mode"]) for j in done}
-    seq = {r["id"]: r for r in records if r["mode"] == "sequential"}
-    todo = [r for r in records if r["id"] in seq and (r["id"], r["mode"]) not in have
-            and (r["mode"] != "sequential" or not judge.pairwise)]
-    for r in tqdm(todo, desc=f"judge ({judge.name})", unit="answer", disable=not progress):
-        ref = seq[r["id"]]
+    refs = {r["id"]: r for r in records if r["mode"] == ref_mode}
+    skip = {"sequential"} if judge.pairwise else ({"reference"} if ref_mode == "reference" else set())
+    todo = [r for r in records if r["id"] in refs and (r["id"], r["mode"]) not in have and r["mode"] not in skip]
+    for r in tqdm(todo, desc=f"judge ({judge.name} vs {ref_mode})", unit="answer", disable=not progress):
+        ref = refs[r["id"]]
         v = judge.judge(r["prompt"], Answer(ref["answer"], ref.get("pieces", [])),
                         Answer(r["answer"], r.get("pieces", [])))
-        j = {"id": r["id"], "mode": r["mode"], "judge": judge.name, "score": v.score, "details": v.details}
+        j = {"id": r["id"], "mode": r["mode"], "judge": judge.name, "ref": ref_mode, "score": v.score,
+             "details": v.details}
         append_jsonl(path, j)
         done.append(j)
     return done
+
+
+def defect_rates(recs: list[dict]) -> dict:
+    """Share of answers with each visible defect, plus the mean number of duplicate items and cut chunks."""
+    n = len(recs)
+    ds = [defects(r["answer"], r.get("raw", ""), r.get("pieces"), r.get("limits_hit")) for r in recs]
+    out = {k: sum(d[k] for d in ds) / n for k in DEFECTS}
+    out["any"] = sum(any(d[k] for k in DEFECTS if k != "hit_limit") for d in ds) / n
+    return out
 
 
 def _speed(rows: list[tuple[dict, dict]]) -> dict:
@@ -167,6 +201,7 @@ def summarize_mode(mode: str, rows: list[tuple[dict, dict]], judgments: dict, ju
         "wall_s_mean": sum(r["wall_s"] for r in recs) / n,
         "limits_hit": sum(bool(r["limits_hit"]) for r in recs),
     })
+    s["defects"] = defect_rates(recs)
     if is_pasta(mode):
         s["with_valid_promise"] = sum(bool(r.get("valid_promise")) for r in recs) / n
     if mode == "sot":
@@ -190,7 +225,21 @@ def summarize_mode(mode: str, rows: list[tuple[dict, dict]], judgments: dict, ju
                     vals = [j["details"][part] for j, _, _ in js]
                     s[part] = sum(vals) / len(vals) if vals else float("nan")
             s["judged"] = len(scores)
+            if mode != "sequential" and not judge.pairwise:
+                s["vs_sequential"] = _paired(rows, judgments, mode)
     return s
+
+
+def _paired(rows: list[tuple[dict, dict]], judgments: dict, mode: str) -> dict | None:
+    """Paired bootstrap of this mode against sequential on the prompts both were judged on: wall-clock ratio,
+    quality difference and quality ratio (mean over mean), each with a 95% interval."""
+    pairs = [(r, ref, judgments.get((r["id"], mode)), judgments.get((r["id"], "sequential"))) for r, ref in rows]
+    pairs = [(r, ref, j, js) for r, ref, j, js in pairs if j is not None and js is not None and r["wall_s"] > 0]
+    if len(pairs) < 2:
+        return None
+    out = paired_bootstrap([ref["wall_s"] for _, ref, _, _ in pairs], [r["wall_s"] for r, _, _, _ in pairs],
+                           [js["score"] for _, _, _, js in pairs], [j["score"] for _, _, j, _ in pairs])
+    return out
 
 
 def summarize(records: list[dict], judgments: list[dict], cfg: EvalConfig, judge: Judge | None,
@@ -202,6 +251,7 @@ def summarize(records: list[dict], judgments: list[dict], cfg: EvalConfig, judge
     groups = {"all": lambda r: True, "parallel": lambda r: r.get("parallel") is True,
               "not parallel": lambda r: r.get("parallel") is False}
     out = {"timestamp": timestamp(), "machine": machine(), "judge": judge.name if judge else None,
+           "reference_mode": reference_mode(records, judge) if judge else None,
            "config": {"modes": cfg.modes, "efficiency": cfg.efficiency, "system": cfg.system,
                       "sot_skeleton_tokens": cfg.sot_skeleton_tokens, "sot_point_tokens": cfg.sot_point_tokens,
                       "generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"}},
@@ -241,11 +291,60 @@ ROWS = [
     ("SoT fell back to sequential", "sot_fallback", "{:.0%}"),
     ("win rate vs sequential", "win_rate", "{:.1%}"),
     ("length-controlled win rate", "lc_win_rate", "{:.1%}"),
+    ("defect: tag leak", "defects.tag_leak", "{:.0%}"),
+    ("defect: hit the token limit", "defects.hit_limit", "{:.0%}"),
+    ("defect: runaway (hit the limit while promising)", "defects.runaway", "{:.0%}"),
+    ("defect: chunk cut by its budget mid-sentence", "defects.cut_chunk", "{:.0%}"),
+    ("defect: glued items", "defects.glued", "{:.0%}"),
+    ("defect: numbering out of order", "defects.numbering", "{:.0%}"),
+    ("defect: duplicate items", "defects.duplicate_items", "{:.0%}"),
+    ("defect: any of the above but the limit", "defects.any", "{:.0%}"),
     ("proxy: content kept", "content", "{:.3f}"),
     ("proxy: repetition across chunks", "repetition", "{:.3f}"),
     ("proxy: degenerate chunks", "degenerate", "{:.3f}"),
     ("quality (judge's score)", "quality", "{:.3f}"),
 ]
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+# The bar a PASTA mode must clear against the sequential baseline (issue 13, docs/spec.md "Quality measures").
+TARGETS = {"defect_points": 0.05, "quality_ratio": 0.95, "wall_parallel": 1.6, "throughput_parallel": 1.4}
+
+
+def acceptance(summary: dict) -> dict:
+    """Per PASTA mode: each target with the measured value and whether it holds (None where not measured)."""
+    out = {}
+    groups = summary["groups"]
+    for mode in [m for m in summary["config"]["modes"] if is_pasta(m)]:
+        a = groups.get("all", {}).get(mode, {})
+        seq = groups.get("all", {}).get("sequential", {})
+        par = groups.get("parallel", {}).get(mode, {})
+        if not a.get("prompts"):
+            continue
+        d, ds = a.get("defects", {}), seq.get("defects", {})
+        rows = {"tag leaks": (d.get("tag_leak"), d.get("tag_leak") == 0)}
+        for k, label in (("hit_limit", "hit the token limit"), ("glued", "glued items"),
+                         ("numbering", "numbering out of order"), ("duplicate_items", "duplicate items")):
+            if k in d and k in ds:
+                rows[f"{label} (points above sequential)"] = (d[k] - ds[k], d[k] - ds[k] <= TARGETS["defect_points"])
+        vs = a.get("vs_sequential") or {}
+        if vs:
+            rows["quality / sequential's"] = (vs["quality_ratio"], vs["quality_ratio"] >= TARGETS["quality_ratio"],
+                                              vs["quality_ratio_ci"])
+        for key, label, t in (("wall_speedup_gmean", "wall-clock speedup, parallelizable", "wall_parallel"),
+                              ("throughput_speedup_gmean", "throughput-normalized, parallelizable",
+                               "throughput_parallel")):
+            v = par.get(key)
+            rows[label] = (v, None if v is None else v >= TARGETS[t])
+        out[mode] = rows
+    return out
 
 
 def report_md(summary: dict, title: str = "pasta eval") -> str:
@@ -261,7 +360,7 @@ def report_md(summary: dict, title: str = "pasta eval") -> str:
         modes = list(per)
         lines += [f"## {group} prompts", "", "| measure | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
         for label, key, f in ROWS:
-            cells = [_fmt(per[mo].get(key), f) for mo in modes]
+            cells = [_fmt(_get(per[mo], key), f) for mo in modes]
             if all(c == "-" for c in cells):
                 continue
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -277,10 +376,35 @@ def report_md(summary: dict, title: str = "pasta eval") -> str:
             lines.append(f"| {group} | " + ", ".join(f"`{m}`" for m in front) + " | "
                          + _fmt(fastest_at_quality(per, pastas[0]), "`{}`") + " |")
         lines.append("")
+    acc = acceptance(summary)
+    if acc:
+        ref = summary.get("reference_mode", "sequential")
+        lines += ["## Against the sequential baseline", "",
+                  f"Targets: no tag leak; each defect at most {TARGETS['defect_points']:.0%} points above sequential's "
+                  f"rate; proxy quality at least {TARGETS['quality_ratio']:.0%} of sequential's (both judged against "
+                  f"`{ref}`; paired bootstrap 95% interval); on parallelizable prompts wall-clock >= "
+                  f"{TARGETS['wall_parallel']}x and throughput-normalized >= {TARGETS['throughput_parallel']}x.", "",
+                  "| mode | measure | value | holds |", "|---|---|---|---|"]
+        for mode, rows in acc.items():
+            for label, v in rows.items():
+                val = "-" if v[0] is None else (f"{v[0]:+.0%}" if "points" in label else f"{v[0]:.3f}")
+                if len(v) > 2:
+                    val += f" [{v[2][0]:.3f}, {v[2][1]:.3f}]"
+                lines.append(f"| `{mode}` | {label} | {val} | {'-' if v[1] is None else ('yes' if v[1] else 'no')} |")
+        lines.append("")
+    noise = summary["groups"].get("all", {}).get("sample", {}).get("vs_sequential")
+    if noise:
+        lines += [f"Noise floor of the proxy: a second, sampled answer of the sequential model scores "
+                  f"{noise['quality_diff']:+.3f} [{noise['quality_diff_ci'][0]:+.3f}, {noise['quality_diff_ci'][1]:+.3f}] "
+                  f"against sequential's greedy answer (ratio {noise['quality_ratio']:.3f}).", ""]
     if summary["judge"] == "proxy":
-        lines += ["The `proxy` judge is not a preference judge: it scores content kept relative to the sequential "
-                  "answer, repetition across chunks and degenerate chunks (see docs/eval.md). Run the AlpacaEval "
-                  "files in `alpaca_eval/` through a strong judge for win rates.", ""]
+        ref = summary.get("reference_mode") or "sequential"
+        lines += [f"The `proxy` judge is not a preference judge: it scores content kept relative to the `{ref}` "
+                  "answer, repetition across chunks and degenerate chunks (see docs/eval.md)"
+                  + (". Without a `reference` mode sequential is judged against itself (content 1 by construction), "
+                     "which flatters it; add `reference` to --modes for a fair comparison" if ref == "sequential"
+                     else "") + ". Run the AlpacaEval files in `alpaca_eval/` through a strong judge for win rates.",
+                  ""]
     return "\n".join(lines)
 
 

@@ -42,16 +42,23 @@ def paired_bootstrap(ref_wall: list[float], wall: list[float], ref_quality: list
     ratio = [r / w for r, w in zip(ref_wall, wall)]
     diff = [q - r for r, q in zip(ref_quality, quality)]
     rng = random.Random(seed)
-    boot_r, boot_q = [], []
+    boot_r, boot_q, boot_qr = [], [], []
     for _ in range(n_boot):
         pick = [rng.randrange(n) for _ in range(n)]
         boot_r.append(geomean([ratio[k] for k in pick]))
         boot_q.append(sum(diff[k] for k in pick) / n)
+        ref_sum = sum(ref_quality[k] for k in pick)
+        boot_qr.append(sum(quality[k] for k in pick) / ref_sum if ref_sum > 0 else float("nan"))
     boot_r.sort()
     boot_q.sort()
+    boot_qr = sorted(x for x in boot_qr if x == x) or [float("nan")]
     lo, hi = int(0.025 * n_boot), int(0.975 * n_boot) - 1
+    qlo, qhi = int(0.025 * len(boot_qr)), max(0, int(0.975 * len(boot_qr)) - 1)
+    ref_mean = sum(ref_quality) / n
     return {"prompts": n, "speed_ratio": geomean(ratio), "speed_ratio_ci": [boot_r[lo], boot_r[hi]],
-            "quality_diff": sum(diff) / n, "quality_diff_ci": [boot_q[lo], boot_q[hi]]}
+            "quality_diff": sum(diff) / n, "quality_diff_ci": [boot_q[lo], boot_q[hi]],
+            "quality_ratio": (sum(quality) / n) / ref_mean if ref_mean > 0 else float("nan"),
+            "quality_ratio_ci": [boot_qr[qlo], boot_qr[qhi]]}
 
 
 def validity(raw: str, threads: int) -> dict:

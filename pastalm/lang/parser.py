@@ -81,6 +81,11 @@ class StreamParser:
         """True while inside an `<async>` block (its text is chunk text)."""
         return self.state == IN_BLOCK
 
+    @property
+    def held(self) -> str:
+        """Text held back because it may still become a tag (it starts with '<'), or ''."""
+        return self._held
+
     def expect_block(self) -> None:
         """Let the next `<async>` open an inline block (main role, after a promise that was not forked)."""
         if self.state == MAIN:
@@ -164,7 +169,12 @@ class StreamParser:
                 return _COMPLETE, len(tag), cls()
         head = TAG_HEAD_RE.match(s)
         if head is None:
-            return (_PARTIAL, 0, None) if any(h.startswith(s) for h in TAG_HEADS) else (_NONE, 0, None)
+            if any(h.startswith(s) for h in TAG_HEADS):
+                return _PARTIAL, 0, None
+            k = max(_common_prefix(s, h) for h in TAG_HEADS)
+            if k >= 2 and s[k:k + 1] == "<":  # a tag start (`</`, `<prom`) cut off by the next tag
+                return _COMPLETE, k, Stray(s[:k])
+            return _NONE, 0, None
         end = _fragment_end(s, head.end())
         if end is None:
             return _PARTIAL, 0, None
@@ -174,6 +184,15 @@ class StreamParser:
             if parsed is not None:
                 return _COMPLETE, end, Promise(parsed[0], parsed[1], frag)
         return _COMPLETE, end, Stray(frag)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _fragment_end(s: str, start: int) -> int | None:

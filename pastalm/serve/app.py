@@ -56,6 +56,8 @@ class PastaOptions(BaseModel):
     enabled: bool = True
     reserve_scale: float | None = Field(default=None, ge=0, le=100)
     max_threads: int | None = Field(default=None, ge=0, le=64)
+    max_promises: int | None = Field(default=None, ge=1, le=1024)
+    repeat_guard: bool | None = None
 
 
 class TextPart(BaseModel):
@@ -266,6 +268,10 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 kw["reserve_scale"] = body.pasta.reserve_scale
             if body.pasta.max_threads is not None:
                 kw["max_threads"] = body.pasta.max_threads
+            if body.pasta.max_promises is not None:
+                kw["max_promises"] = body.pasta.max_promises
+            if body.pasta.repeat_guard is not None:
+                kw["repeat_guard"] = body.pasta.repeat_guard
         return replace(c, **kw)
 
     def _check_prompt(ids: list[int]) -> None:

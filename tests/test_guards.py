@@ -1,0 +1,49 @@
+"""The runaway guards (docs/spec.md, "Limits"): `max_promises` and `repeat_guard` end main at the promise that
+trips them; the blocks already forked finish, nothing is lost from the raw form, and `limits_hit` says why."""
+
+from __future__ import annotations
+
+import pytest
+
+from pastalm.engine.interpreter import Interpreter, Limits
+from pastalm.lang import ReservePolicy, render
+
+from test_leaks import drive, thread_texts
+
+RUNAWAY = ('Ways:\n\n1. **Buy**:<promise topic="buy" tokens="5"/><async> in bulk.</async>\n\n'
+           '2. **Plan**:<promise topic="plan" tokens="5"/><async> your meals.</async>\n\n'
+           '3. **Buy**:<promise topic="Buy " tokens="5"/><async> used items.</async>\n\n'
+           '4. **Cook**:<promise topic="cook" tokens="5"/><async> at home.</async>')
+
+
+def replay(tokenizer, limits: Limits) -> Interpreter:
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in thread_texts(RUNAWAY, False)]
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), limits, False, scripts)
+    drive(interp)
+    return interp
+
+
+def test_no_guard_replays_everything(tokenizer):
+    interp = replay(tokenizer, Limits())
+    assert interp.rendered(complete=True) == render(RUNAWAY)
+    assert len(interp.threads) == 5 and interp.limits_hit == []
+
+
+@pytest.mark.parametrize("limits,reason", [(Limits(repeat_guard=True), "repeated_topic"),
+                                           (Limits(max_promises=2), "max_promises")])
+def test_guard_ends_main_at_the_promise(tokenizer, limits, reason):
+    """The third promise repeats the first's topic (case and spaces aside) and is the third: either guard ends main
+    there. The two blocks already forked are complete; main's text up to the promise stays."""
+    interp = replay(tokenizer, limits)
+    assert interp.limits_hit == [reason]
+    assert len(interp.threads) == 3  # main and the two blocks before the guard
+    assert interp.main.finish == reason
+    assert [t.finish for t in interp.threads[1:]] == ["close", "close"]
+    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n3. **Buy**:"
+    assert interp.raw().endswith('3. **Buy**:<promise topic="Buy " tokens="5"/>')
+
+
+def test_guard_limits_validate():
+    with pytest.raises(ValueError, match="max_promises"):
+        Limits(max_promises=0)

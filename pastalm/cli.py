@@ -434,17 +434,48 @@ def _judge(args):
 
 
 def _labelled_adapters(text: str) -> dict[str, str]:
-    """`--adapter A` or `--adapter LABEL=A,LABEL2=B,...` (a label defaults to the folder's name)."""
-    out: dict[str, str] = {}
+    """`--adapter A` or `--adapter LABEL=A,LABEL2=B,...` (a label defaults to the folder's name). Decoding options
+    after a '?' are split off by `_adapter_options`."""
+    return {label: a for label, (a, _) in _adapter_options(text).items()}
+
+
+def _adapter_options(text: str) -> dict[str, tuple[str, dict]]:
+    """LABEL -> (adapter, decoding overrides): `LABEL=A?repeat_guard=1&max_promises=12` runs the PASTA mode of that
+    label with those GenerateConfig fields changed (the same weights may appear under several labels)."""
+    from dataclasses import fields
+
+    from .engine import GenerateConfig
+
+    types = {f.name: f.type for f in fields(GenerateConfig) if f.name not in ("sequential", "record_logits")}
+    out: dict[str, tuple[str, dict]] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
+        part, _, query = part.partition("?")
         label, _, adapter = part.rpartition("=")
         adapter = adapter.strip()
         label = label.strip() or Path(adapter).name or adapter
         if label in out:
             raise ValueError(f"--adapter: the label {label!r} is used twice; write LABEL=ADAPTER")
-        out[label] = adapter
+        opts = {}
+        for kv in filter(None, query.split("&")):
+            key, _, value = kv.partition("=")
+            if key not in types:
+                raise ValueError(f"--adapter: unknown decoding option {key!r} after '?'; choose from "
+                                 f"{', '.join(sorted(types))}")
+            kind = str(types[key])
+            try:
+                if "bool" in kind:
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(value)
+                    opts[key] = value.lower() in ("1", "true", "yes")
+                elif "float" in kind:
+                    opts[key] = float(value)
+                else:
+                    opts[key] = int(value)
+            except ValueError:
+                raise ValueError(f"--adapter: option {key}={value!r} is not a valid {kind}") from None
+        out[label] = (adapter, opts)
     if not out:
         raise ValueError("--adapter: give an adapter")
     return out
@@ -462,7 +493,9 @@ def evaluate(args) -> int:
     if len(adapters) > 1 and "pasta" in modes:  # one pasta mode per adapter
         i = modes.index("pasta")
         modes[i:i + 1] = [f"pasta:{label}" for label in adapters]
-    cfg = EvalConfig(modes=modes, generate=_decoding_config(args), system=args.system,
+    options = {(f"pasta:{label}" if len(adapters) > 1 else "pasta"): o
+               for label, (_, o) in _adapter_options(args.adapter).items() if o}
+    cfg = EvalConfig(modes=modes, generate=_decoding_config(args), system=args.system, mode_options=options,
                      efficiency=not args.no_efficiency, sot_skeleton_tokens=args.sot_skeleton_tokens,
                      sot_point_tokens=args.sot_point_tokens)
     prompts = stratified(load_prompts(args.prompts), args.per_category)[: args.limit]

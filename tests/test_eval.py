@@ -323,15 +323,18 @@ def test_pasta_eval_end_to_end_and_resume(folder, tmp_path, capsys, monkeypatch)
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["mode"]) for r in rows) == sorted((p["id"], m) for p in PROMPTS
-                                                                for m in ("sequential", "pasta", "sot"))
+                                                                for m in ("sequential", "pasta", "sot", "reference"))
     for r in rows:
         assert {"answer", "raw", "tokens", "tag_tokens", "decode_steps", "threads", "wall_s", "limits_hit"} <= set(r)
     summary = json.loads((out / "summary.json").read_text())
     per = summary["groups"]["all"]
     assert per["sequential"]["wall_speedup_gmean"] == pytest.approx(1.0)
-    assert set(per) == {"sequential", "pasta", "sot"} and all(s["prompts"] == 3 for s in per.values())
+    assert set(per) == {"sequential", "pasta", "sot", "reference"} and all(s["prompts"] == 3 for s in per.values())
     assert summary["groups"]["parallel"]["pasta"]["prompts"] == 2
+    # judged against the reference mode (here the same weights as sequential, so the same greedy answers)
+    assert summary["reference_mode"] == "reference"
     assert per["sequential"]["judged"] == 3 and per["sequential"]["content"] == pytest.approx(1.0, abs=1e-4)
+    assert "judged" not in per["reference"]
     alpaca = json.loads((out / "alpaca_eval" / "pasta.json").read_text())
     assert [a["instruction"] for a in alpaca] == [p["prompt"] for p in PROMPTS]
     assert set(alpaca[0]) == {"instruction", "output", "generator", "dataset"}
@@ -440,3 +443,85 @@ def test_paired_bootstrap():
     assert s["quality_diff_ci"][0] < 0.04 < s["quality_diff_ci"][1]
     with pytest.raises(ValueError, match="equal length"):
         paired_bootstrap([1.0], [1.0, 2.0], [0.0], [0.0])
+
+
+# -- fair quality: the reference and sample modes, per-mode options --------------------------------------------------
+
+
+def test_every_mode_is_judged_against_the_reference(folder, tmp_path):
+    """With a `reference` mode, sequential is judged like every other mode (not against itself); `sample` is a
+    second, sampled sequential answer whose paired difference is the noise floor; `LABEL=A?opt=v` decodes that
+    PASTA mode with its own options."""
+    from peft import LoraConfig, get_peft_model
+
+    from pastalm.cli import main
+    from pastalm.testing import tiny_model
+
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=512, target_modules=["v_proj", "o_proj"],
+                                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "lora")
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "out"
+    assert main(["eval", "--prompts", str(src), "--out", str(out), "--model", str(folder), "--modes",
+                 "sequential,pasta,reference,sample", "--adapter", "p=none,g=none?max_promises=1&repeat_guard=true",
+                 "--reference-adapter", str(tmp_path / "lora"), "--max-new-tokens", "16", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by = {(r["id"], r["mode"]): r for r in rows}
+    assert {m for _, m in by} == {"sequential", "pasta:p", "pasta:g", "reference", "sample"}
+    assert any(by[(p["id"], "sample")]["answer"] != by[(p["id"], "sequential")]["answer"] for p in PROMPTS)
+    assert by[("t1", "reference")]["model"].endswith("+lora")
+    judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert {j["ref"] for j in judgments} == {"reference"}
+    assert sorted({j["mode"] for j in judgments}) == ["pasta:g", "pasta:p", "sample", "sequential"]
+    summary = json.loads((out / "summary.json").read_text())
+    per = summary["groups"]["all"]
+    assert per["sequential"]["content"] < 0.999  # a different model's answer: content is measured, not 1
+    assert summary["config"]["mode_options"] == {"pasta:g": {"max_promises": 1, "repeat_guard": True}}
+    assert json.loads((out / "run.json").read_text())["mode_options"]["pasta:g"] == {"max_promises": 1,
+                                                                                    "repeat_guard": True}
+    noise = per["sample"]["vs_sequential"]
+    assert noise["prompts"] == 3 and noise["quality_diff_ci"][0] <= noise["quality_diff"] <= noise["quality_diff_ci"][1]
+    for mode in per:
+        assert set(per[mode]["defects"]) >= {"tag_leak", "runaway", "glued", "numbering", "duplicate_items", "any"}
+    report = (out / "report.md").read_text()
+    assert "## Against the sequential baseline" in report and "Noise floor" in report
+    assert "| `pasta:g` | tag leaks |" in report
+
+
+def test_adapter_options_are_checked():
+    from pastalm.cli import _adapter_options
+
+    assert _adapter_options("a=x?repeat_guard=0&max_promises=3,b=y") == {
+        "a": ("x", {"repeat_guard": False, "max_promises": 3}), "b": ("y", {})}
+    with pytest.raises(ValueError, match="unknown decoding option 'speed'"):
+        _adapter_options("a=x?speed=9")
+    with pytest.raises(ValueError, match="max_promises='many'"):
+        _adapter_options("a=x?max_promises=many")
+
+
+# -- visible defects ---------------------------------------------------------------------------------------------
+
+from pastalm.eval.defects import defects, duplicate_items, glued, numbering_broken, runaway, tag_leak  # noqa: E402
+
+
+def test_defects_on_the_answers_of_issue_13():
+    """The defects the issue quotes are found, and a clean answer has none."""
+    assert tag_leak('...can help improve<promise topic="improved" tokens="50')
+    assert tag_leak('...can help improve topic="improved" tokens="50')
+    assert not tag_leak("Use <b>bold</b> and a < b.")
+    assert glued("...with a deli.2. **Buy Used Items:** Look", [])
+    assert glued("x", [{"thread": 1, "text": "about language"}, {"thread": 2, "text": "Another thing"}])
+    assert not glued("x", [{"thread": 0, "text": "1. **Sleep**:"}, {"thread": 1, "text": " Keep a schedule."},
+                           {"thread": 0, "text": "\n\n2."}, {"thread": 2, "text": ", then rest."}])
+    assert numbering_broken("\n".join(f"{n}. **Item {n}**: text" for n in (1, 2, 4, 4, 4, 6, 5)))
+    assert not numbering_broken("1. a\n2. b\n3. c\n\nThen:\n1. d\n2. e")
+    buy = "\n".join(f"{n}. **Buy Used Items:** Look around the store." for n in range(1, 5))
+    assert duplicate_items(buy) == 3
+    assert duplicate_items("1. **Sleep**: keep a fixed schedule every day.\n2. **Light**: dim the lamps at night.") == 0
+    raw = 'Tips:\n1. **Buy**:<promise topic="buy" tokens="9"/><async> in bulk.</async>\n2. **Buy**:<promise topic="buy'
+    assert runaway(raw, ["max_new_tokens"]) and not runaway(raw, []) and not runaway("plain text", ["max_new_tokens"])
+    clean = "Three tips:\n\n1. **Sleep**: Keep a fixed schedule.\n\n2. **Light**: Dim the lights.\n\nRest well."
+    d = defects(clean, clean, [{"thread": 0, "text": clean, "finish": "eos"}], [])
+    assert not any(d[k] for k in ("tag_leak", "hit_limit", "runaway", "cut_chunk", "glued", "numbering",
+                                  "duplicate_items"))

@@ -55,6 +55,7 @@ class EvalConfig:
     efficiency: bool = True  # replay each forked PASTA answer sequentially to measure engine efficiency
     sot_skeleton_tokens: int = 120
     sot_point_tokens: int = 60
+    mode_options: dict = field(default_factory=dict)  # PASTA mode -> GenerateConfig fields it overrides
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES and not (is_pasta(m) and len(m) > 6)]
@@ -108,7 +109,7 @@ def generate_all(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfi
                 sample_cfg = replace(seq_cfg, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=i)
                 rec = _record(p, mode, eng.name, eng.generate(ids, sample_cfg))
             elif is_pasta(mode):
-                res = eng.generate(ids, replace(cfg.generate, sequential=False))
+                res = eng.generate(ids, replace(cfg.generate, sequential=False, **cfg.mode_options.get(mode, {})))
                 rec = _record(p, mode, eng.name, res)
                 if cfg.efficiency and res.threads > 0:
                     try:  # the same tokens, replayed one per step
@@ -206,7 +207,7 @@ def summarize_mode(mode: str, rows: list[tuple[dict, dict]], judgments: dict, ju
         s["with_valid_promise"] = sum(bool(r.get("valid_promise")) for r in recs) / n
     if mode == "sot":
         s["sot_fallback"] = sum(bool(r.get("fallback")) for r in recs) / n
-    if judge is not None:
+    if judge is not None and not (mode == "reference" and not judge.pairwise):  # the proxy's yardstick itself
         s["judge"] = judge.name
         if judge.pairwise and mode == "sequential":
             s["quality"] = s["win_rate"] = s["lc_win_rate"] = 0.5
@@ -253,6 +254,7 @@ def summarize(records: list[dict], judgments: list[dict], cfg: EvalConfig, judge
     out = {"timestamp": timestamp(), "machine": machine(), "judge": judge.name if judge else None,
            "reference_mode": reference_mode(records, judge) if judge else None,
            "config": {"modes": cfg.modes, "efficiency": cfg.efficiency, "system": cfg.system,
+                      "mode_options": cfg.mode_options,
                       "sot_skeleton_tokens": cfg.sot_skeleton_tokens, "sot_point_tokens": cfg.sot_point_tokens,
                       "generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"}},
            "groups": {}}
@@ -504,16 +506,20 @@ def check_settings(out_dir: Path, engines: dict[str, Engine], cfg: EvalConfig) -
     answers would be compared with new ones). Adding a mode to a folder is allowed."""
     settings = {"generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"},
                 "system": cfg.system, "sot": [cfg.sot_skeleton_tokens, cfg.sot_point_tokens],
-                "models": {m: e.name for m, e in engines.items()}}
+                "models": {m: e.name for m, e in engines.items()},
+                "mode_options": {m: cfg.mode_options.get(m, {}) for m in engines}}
     path = out_dir / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
         diff = [k for k in ("generate", "system", "sot") if old.get(k) != settings[k]]
         diff += [f"model of {m}" for m, n in settings["models"].items() if old["models"].get(m, n) != n]
+        diff += [f"options of {m}" for m, o in settings["mode_options"].items()
+                 if m in old["models"] and old.get("mode_options", {}).get(m, {}) != o]
         if diff:
             raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(diff)}); resume with "
                              "the same settings or pass a new --out")
         settings["models"] = {**old["models"], **settings["models"]}
+        settings["mode_options"] = {**old.get("mode_options", {}), **settings["mode_options"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1) + "\n")
 

@@ -1,4 +1,4 @@
-"""Tests of PASTA-LANG (DESIGN.md section 1) and its layout rules (section 2): parser, render, validate, layout.
+"""Tests of PASTA-LANG (docs/spec.md section 1) and its layout rules (section 2): parser, render, validate, layout.
 
 Pure Python: no torch, no model, no tokenizer download.
 """
@@ -211,7 +211,7 @@ CANONICAL_RENDERED = (
 
 
 def test_canonical_example_events():
-    """The three-promise example of DESIGN.md parses to the expected events and promises."""
+    """The three-promise example of the spec parses to the expected events and promises."""
     events = merge_text(parse(CANONICAL))
     block = ["Promise", "AsyncOpen", "Text", "AsyncClose", "Text"]
     assert kinds(events) == ["Text", *block, *block, *block[:-1], "Text", "Sync", "Text"]
@@ -582,7 +582,7 @@ def test_layout_labels():
 
 
 def test_layout_visibility():
-    """Visibility follows DESIGN.md section 2: blocks are isolated until a sync, and see main up to their promise."""
+    """Visibility follows docs/spec.md section 3: blocks are isolated until a sync, and see main up to their promise."""
     for scale in (0.0, 1.0):
         lay = _layout(scale)
         vis = visibility(lay)

@@ -1,7 +1,7 @@
 """Continuous batching: one forward pass per step serves every live thread of every running request.
 
 All requests share one interleaved KV cache. A request's threads get columns of their own in the views (global
-thread ids), so the visibility rule that keeps a request's threads apart (DESIGN.md section 2) also keeps
+thread ids), so the visibility rule that keeps a request's threads apart (docs/spec.md section 3) also keeps
 requests apart: a query sees a cache slot only if the slot's thread is one of its own request's threads and the
 slot is inside its view. Positions stay per request. Requests join and leave between steps; the slots of a
 finished or cancelled request are dropped from the cache once they make up most of it.

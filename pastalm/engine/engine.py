@@ -63,7 +63,7 @@ class GenerateConfig:
 
 @dataclass
 class Result:
-    """One answer and its measures (DESIGN.md section 5)."""
+    """One answer and its measures (docs/spec.md section 7)."""
 
     text: str
     raw: str

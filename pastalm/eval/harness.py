@@ -13,7 +13,7 @@ Every answer is also checked for visible defects (`defects.py`: tag leaks, runaw
 broken numbering, duplicate items), the same checks in every mode.
 
 For each prompt the modes run back to back in an order that rotates from prompt to prompt, after one untimed
-warm-up per engine, so that drift in the machine's speed hits every mode alike (DESIGN.md section 5). Results are
+warm-up per engine, so that drift in the machine's speed hits every mode alike (docs/spec.md section 7). Results are
 appended to `results.jsonl` as they come: a rerun skips every (prompt, mode) already there, and judgments are
 cached the same way in `judgments.jsonl`.
 """

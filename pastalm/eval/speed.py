@@ -1,7 +1,7 @@
 """Speed of a PASTA model decoding asynchronously against a baseline model decoding sequentially.
 
 Both run in the same process, prompt by prompt, alternating which goes first, so that drift in the machine's
-speed hits both alike (DESIGN.md section 5). Per prompt:
+speed hits both alike (docs/spec.md section 7). Per prompt:
 - theoretical speedup: the PASTA generation's tokens / its critical path (tags included);
 - wall-clock speedup: baseline time / PASTA time, for each one's own answer;
 - throughput-normalized speedup: PASTA rendered tokens per second / baseline tokens per second, so that a

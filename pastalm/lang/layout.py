@@ -1,4 +1,4 @@
-"""Positions, visibility and labels: the rules of DESIGN.md section 2, shared by training and inference.
+"""Positions, visibility and labels: the rules of docs/spec.md section 3 (V1-V5, P1-P4), shared by training and inference.
 
 A request is a prompt plus a main thread (thread 0; the prompt is its first tokens) and async threads
 1..k in promise order. Visibility is kept as *views*: a view is a list with one count per thread, and a token

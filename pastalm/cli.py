@@ -111,6 +111,8 @@ def _decoding_args(g) -> None:
                    help="runaway guard: main ends at a promise past this many in one answer (default: no limit)")
     g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=False,
                    help="runaway guard: main ends at a promise whose topic repeats an earlier one's")
+    g.add_argument("--block-guard", action=argparse.BooleanOptionalAction, default=False,
+                   help="a block that writes a promise (which only main may) ends there")
     g.add_argument("--max-context", type=_positive_int, help="cache slots per request (default: the model's)")
     g.add_argument("--reserve-scale", type=_nonneg_float, default=1.0,
                    help="positions reserved per block: ceil(scale * tokens) + tag overhead; 0 reserves none")
@@ -125,6 +127,7 @@ def _decoding_config(args, sequential: bool = False):
     return GenerateConfig(
         max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
         max_threads=args.max_threads, max_promises=args.max_promises, repeat_guard=args.repeat_guard,
+        block_guard=args.block_guard,
         max_context=args.max_context, reserve_scale=args.reserve_scale, temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=sequential)
 
 

@@ -47,3 +47,20 @@ def test_guard_ends_main_at_the_promise(tokenizer, limits, reason):
 def test_guard_limits_validate():
     with pytest.raises(ValueError, match="max_promises"):
         Limits(max_promises=0)
+
+
+def test_block_guard_ends_a_block_that_promises(tokenizer):
+    """A block that writes a promise (a stray: only main forks) ends there with the guard; without it the block
+    goes on. Either way the promise is kept raw and never shown."""
+    answer = ('Tips:\n1. **Buy**:<promise topic="buy" tokens="90"/><async> Buy:<promise topic="buy" tokens="9"/>'
+              ' Buy: more</async>\n\nDone.')
+    texts = thread_texts(answer, False)
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    for guard, chunk in ((False, " Buy: Buy: more"), (True, " Buy:")):
+        interp = Interpreter(tokenizer, tokenizer.encode("Tips?", add_special_tokens=False), {tokenizer.eos_token_id},
+                             ReservePolicy.for_tokenizer(tokenizer), Limits(block_guard=guard), False, scripts)
+        drive(interp)
+        assert interp.threads[1].text() == chunk
+        assert interp.rendered(complete=True) == "Tips:\n1. **Buy**:" + chunk + "\n\nDone."
+        assert ("block_guard(thread 1)" in interp.limits_hit) == guard
+        assert '<promise topic="buy" tokens="9"/>' in interp.raw().split("<async>", 1)[1]

@@ -28,6 +28,7 @@ class GenerateConfig:
         seed: seeds every thread's own generator.
         max_promises: runaway guard: main ends at a promise past this many (None: no limit).
         repeat_guard: runaway guard: main ends at a promise whose topic repeats an earlier one's.
+        block_guard: a block that writes a promise (which only main may) ends there.
         sequential: decode everything in main, one token at a time (the baseline).
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
     """
@@ -38,6 +39,7 @@ class GenerateConfig:
     max_threads: int = 8
     max_promises: int | None = None
     repeat_guard: bool = False
+    block_guard: bool = False
     max_context: int | None = None
     reserve_scale: float = 1.0
     temperature: float = 0.0
@@ -58,7 +60,8 @@ class GenerateConfig:
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,
                       max_context=self.max_context or max_positions, max_positions=max_positions,
-                      max_promises=self.max_promises, repeat_guard=self.repeat_guard)
+                      max_promises=self.max_promises, repeat_guard=self.repeat_guard,
+                      block_guard=self.block_guard)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..lang.layout import Layout, ReservePolicy, Span
-from ..lang.parser import AsyncClose, Promise, StreamParser, Sync, Text
+from ..lang.parser import AsyncClose, Promise, Stray, StreamParser, Sync, Text
 from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
 
 STOP = -1  # what `scripted` returns once a thread's script is used up: the thread ends as on EOS
@@ -41,6 +41,7 @@ class Limits:
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
     max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
     repeat_guard: bool = False  # runaway guard: main ends at a promise whose topic an earlier promise had
+    block_guard: bool = False  # a block that writes a promise (a stray: blocks cannot fork) ends there
     max_context: int | None = None  # cache slots (prompt + every written token)
     max_positions: int | None = None  # rotary positions the model supports
 
@@ -272,6 +273,10 @@ class Interpreter:
             if isinstance(ev, AsyncClose):
                 t.closed = True
                 t.status, t.finish = Status.FINISHING, "close"
+            elif (isinstance(ev, Stray) and self.limits.block_guard and ev.raw.startswith("<promise")
+                  and t.status == Status.RUNNING):
+                t.status, t.finish = Status.FINISHING, "block_guard"
+                self._hit(f"block_guard(thread {t.id})")
             return
         if isinstance(ev, Promise) and not t.parser.in_block:
             if self._runaway(ev):

@@ -58,6 +58,7 @@ class PastaOptions(BaseModel):
     max_threads: int | None = Field(default=None, ge=0, le=64)
     max_promises: int | None = Field(default=None, ge=1, le=1024)
     repeat_guard: bool | None = None
+    block_guard: bool | None = None
 
 
 class TextPart(BaseModel):
@@ -272,6 +273,8 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 kw["max_promises"] = body.pasta.max_promises
             if body.pasta.repeat_guard is not None:
                 kw["repeat_guard"] = body.pasta.repeat_guard
+            if body.pasta.block_guard is not None:
+                kw["block_guard"] = body.pasta.block_guard
         return replace(c, **kw)
 
     def _check_prompt(ids: list[int]) -> None:

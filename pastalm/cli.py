@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute dtype")
     g.add_argument("--adapter", default="auto",
                    help="LoRA adapter: 'auto' (the shipped PASTA adapter on the bundled model, none on others), "
-                        "'pasta' (stage 2), 'pasta-stage1', 'baseline', 'none', or a folder from `pasta train sft` "
+                        "'pasta' (annotation v2), 'pasta-v1' (the stage-2 v1 adapter), 'pasta-stage1', 'baseline', 'none', "
+                        "or a folder from `pasta train sft` "
                         "or `pasta train prefer`")
     g.add_argument("--system", help="system message for the chat template")
     g.add_argument("--sequential", action="store_true", help="turn async decoding off (the baseline)")
@@ -227,7 +228,8 @@ def _train_parsers(sub) -> None:
     f = tsub.add_parser("prefer", help="stage 2: preference optimization on speed and quality (BoNBoN), in rounds")
     f.add_argument("--from", dest="from_adapter", required=True,
                    help="the PASTA adapter to start from: a folder from `pasta train sft` (or from an earlier "
-                   "`pasta train prefer`), 'pasta-stage1' (the shipped SFT adapter) or 'pasta' (the shipped stage-2 one)")
+                   "`pasta train prefer`), 'pasta' (the shipped v2 SFT adapter), 'pasta-stage1' (the v1 SFT adapter) or "
+                   "'pasta-v1' (the v1 stage-2 one)")
     f.add_argument("--output", type=Path, required=True, help="folder for samples, pairs, adapters, statistics")
     f.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
     f.add_argument("--baseline-adapter", default="baseline",

@@ -13,9 +13,11 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 DTYPES = ("fp32", "bf16")
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
 # Adapters shipped with the package, trained for the bundled model (see docs/training.md): "pasta" is the default
-# (stage 2, BoNBoN at lambda = inf on top of stage 1), "pasta-stage1" the SFT adapter it started from, "baseline"
+# (annotation v2, docs/spec.md section 6: SFT continuing stage 1), "pasta-v1" the stage-2 adapter (BoNBoN at
+# lambda = inf) that was the default before it, "pasta-stage1" the v1 SFT adapter both started from, "baseline"
 # the same answers without tags (the sequential reference). docs/results.md compares them.
-BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-stage1": ADAPTERS / "smollm2-135m-pasta-stage1",
+BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-v1": ADAPTERS / "smollm2-135m-pasta-v1",
+                    "pasta-stage1": ADAPTERS / "smollm2-135m-pasta-stage1",
                     "baseline": ADAPTERS / "smollm2-135m-baseline"}
 
 
@@ -34,7 +36,7 @@ class Loaded:
 
 def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter for the bundled model and
-    nothing for any other model; 'none' is the base model; 'pasta' / 'pasta-stage1' / 'baseline' are the shipped
+    nothing for any other model; 'none' is the base model; 'pasta' / 'pasta-v1' / 'pasta-stage1' / 'baseline' are the shipped
     ones."""
     if adapter is None or adapter == "auto":
         if model is not None or not (BUNDLED_ADAPTERS["pasta"] / "adapter_config.json").is_file():
@@ -51,7 +53,7 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"--adapter: '{adapter}' is not a PEFT adapter folder (no adapter_config.json); give the "
-                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-stage1', "
+                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-v1', 'pasta-stage1', "
                          "'baseline' or 'none'")
     return path
 

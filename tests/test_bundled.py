@@ -69,9 +69,9 @@ def shipped():
     return load(None, "fp32", "pasta")
 
 
-@pytest.fixture(scope="module", params=["pasta", "pasta-stage1"])
+@pytest.fixture(scope="module", params=["pasta", "pasta-v1", "pasta-stage1"])
 def any_shipped(request):
-    """Each shipped PASTA adapter: the default (stage 2) and the stage-1 one it was trained from."""
+    """Each shipped PASTA adapter: the default (v2), the v1 stage-2 one and the stage-1 one both came from."""
     return load(None, "fp32", request.param)
 
 
@@ -112,3 +112,14 @@ def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, pa
         assert rep.promises >= 2 and res.threads >= 2 and res.theoretical_speedup > 1.3, res.raw
     else:
         assert res.threads == 0 and rep.promises == 0, res.raw
+
+
+def test_readme_quick_start_forks(bundled):
+    """The README's first command answers with the shipped adapter in parallel: it forks, and no tag shows."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pastalm.cli", "generate", "Give three tips to sleep better.", "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["threads"] >= 2 and got["theoretical_speedup"] > 1.2, got["raw"]
+    assert "<" not in got["text"] and "1." in got["text"] and "2." in got["text"]

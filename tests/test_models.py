@@ -21,20 +21,23 @@ def test_shipped_adapter_is_complete(name):
     assert records, f"{folder} says nothing about how it was trained"
 
 
-def test_default_pasta_adapter_is_stage2_on_top_of_stage1():
-    """'pasta' (what `pasta generate` uses by default) is the lambda-inf stage-2 adapter, and its record describes
-    the weights actually shipped (the digest ship_adapter.py wrote matches the file); it continues the stage-1
-    adapter, so both have the same LoRA modules, with other values."""
+def test_default_pasta_adapter_is_the_v2_sft_adapter():
+    """'pasta' (what `pasta generate` uses by default) is trained on annotation v2 and its record describes the
+    weights actually shipped (the digest ship_adapter.py wrote matches the file); it continues the stage-1
+    adapter, so both have the same LoRA modules, with other values. 'pasta-v1' is the stage-2 lambda-inf adapter
+    that was the default before it."""
     folder = BUNDLED_ADAPTERS["pasta"]
-    rec = json.loads((folder / "pasta_prefer.json").read_text())
-    assert rec["round"]["lambda"] == "inf" and rec["config"]["greedy_candidate"] is True
+    rec = json.loads((folder / "pasta_train.json").read_text())
+    assert rec["config"]["data"].endswith("annotated-v2.jsonl") and rec["config"]["init_adapter"]
     assert rec["shipped"]["sha256"] == adapter_digest(folder)
     assert resolve_adapter("auto", None) == folder
-    stage2 = load_file(str(folder / "adapter_model.safetensors"))
+    v2 = load_file(str(folder / "adapter_model.safetensors"))
     stage1 = load_file(str(BUNDLED_ADAPTERS["pasta-stage1"] / "adapter_model.safetensors"))
-    assert stage2.keys() == stage1.keys()
-    assert all(stage2[k].shape == stage1[k].shape for k in stage1)
-    assert any(not stage2[k].float().allclose(stage1[k].float()) for k in stage1)
+    assert v2.keys() == stage1.keys()
+    assert all(v2[k].shape == stage1[k].shape for k in stage1)
+    assert any(not v2[k].float().allclose(stage1[k].float()) for k in stage1)
+    v1 = json.loads((BUNDLED_ADAPTERS["pasta-v1"] / "pasta_prefer.json").read_text())
+    assert v1["round"]["lambda"] == "inf" and v1["shipped"]["sha256"] == adapter_digest(BUNDLED_ADAPTERS["pasta-v1"])
 
 
 def test_unknown_adapter_name_says_what_to_give(tmp_path):

@@ -110,10 +110,10 @@ def _decoding_args(g) -> None:
     g.add_argument("--async-cap", type=_positive_int, default=512, help="hard cap on one async block's tokens")
     g.add_argument("--max-promises", type=_positive_int,
                    help="runaway guard: main ends at a promise past this many in one answer (default: no limit)")
-    g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=False,
-                   help="runaway guard: main ends at a promise whose topic repeats an earlier one's")
-    g.add_argument("--block-guard", action=argparse.BooleanOptionalAction, default=False,
-                   help="a block that writes a promise (which only main may) ends there")
+    g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="runaway guard: main ends at a promise whose topic repeats an earlier one's (on)")
+    g.add_argument("--block-guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="a block that writes a promise (which only main may) ends there (on)")
     g.add_argument("--max-context", type=_positive_int, help="cache slots per request (default: the model's)")
     g.add_argument("--reserve-scale", type=_nonneg_float, default=1.0,
                    help="positions reserved per block: ceil(scale * tokens) + tag overhead; 0 reserves none")

@@ -145,7 +145,8 @@ def check_recognized(events, role):
                 assert not valid_promises_in(e.raw), e
                 if isinstance(prev, Promise):
                     assert not e.raw.startswith(ASYNC_OPEN), e
-            prev = e
+            if not isinstance(e, Stray):  # a stray is as if it were not there (docs/spec.md L5)
+                prev = e
     else:  # async
         closes = [i for i, e in enumerate(events) if isinstance(e, AsyncClose)]
         assert len(closes) <= 1

@@ -27,8 +27,9 @@ class GenerateConfig:
         top_p: nucleus sampling threshold in (0, 1].
         seed: seeds every thread's own generator.
         max_promises: runaway guard: main ends at a promise past this many (None: no limit).
-        repeat_guard: runaway guard: main ends at a promise whose topic repeats an earlier one's.
-        block_guard: a block that writes a promise (which only main may) ends there.
+        repeat_guard: runaway guard: main ends at a promise whose topic repeats an earlier one's (on: docs/spec.md
+            section 5 has the measurement).
+        block_guard: a block that writes a promise (which only main may) ends there (on).
         sequential: decode everything in main, one token at a time (the baseline).
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
     """
@@ -38,8 +39,8 @@ class GenerateConfig:
     async_cap: int = 512
     max_threads: int = 8
     max_promises: int | None = None
-    repeat_guard: bool = False
-    block_guard: bool = False
+    repeat_guard: bool = True
+    block_guard: bool = True
     max_context: int | None = None
     reserve_scale: float = 1.0
     temperature: float = 0.0

@@ -72,7 +72,7 @@ def shipped():
 @pytest.fixture(scope="module", params=["pasta", "pasta-v1", "pasta-stage1"])
 def any_shipped(request):
     """Each shipped PASTA adapter: the default (v2), the v1 stage-2 one and the stage-1 one both came from."""
-    return load(None, "fp32", request.param)
+    return request.param, load(None, "fp32", request.param)
 
 
 def test_cli_default_is_the_shipped_pasta_adapter(shipped):
@@ -101,11 +101,16 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     ("What is the capital of Norway?", False),
 ])
 def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, parallel):
-    """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact."""
+    """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact. The v1
+    adapters are decoded as they were measured, without the runaway guards (v1 repeats topics: the repeat guard
+    ends its lists early, docs/results.md)."""
     from pastalm.lang.render import render, validate
 
-    eng = Engine(any_shipped.model, any_shipped.tokenizer, "pasta")
-    res = eng.generate(chat_prompt(any_shipped.tokenizer, prompt), GenerateConfig(max_new_tokens=400))
+    name, shipped = any_shipped
+    guards = name == "pasta"
+    eng = Engine(shipped.model, shipped.tokenizer, "pasta")
+    res = eng.generate(chat_prompt(shipped.tokenizer, prompt),
+                       GenerateConfig(max_new_tokens=400, repeat_guard=guards, block_guard=guards))
     rep = validate(res.raw)
     assert render(res.raw) == res.text
     if parallel:

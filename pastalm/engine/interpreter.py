@@ -278,6 +278,8 @@ class Interpreter:
                 t.status, t.finish = Status.FINISHING, "block_guard"
                 self._hit(f"block_guard(thread {t.id})")
             return
+        if t.status == Status.DONE:  # a guard ended main earlier in this token: the rest is kept, not acted on
+            return
         if isinstance(ev, Promise) and not t.parser.in_block:
             if self._runaway(ev):
                 return

@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pastalm.engine.engine import scripts_for  # noqa: E402
-from pastalm.engine.interpreter import STOP, Interpreter, Limits  # noqa: E402
+from pastalm.engine.interpreter import Interpreter, Limits  # noqa: E402
 from pastalm.eval.speed import geomean  # noqa: E402
 from pastalm.lang import ReservePolicy  # noqa: E402
 from pastalm.lang.parser import Promise, parse  # noqa: E402
+from pastalm.testing import replay_scripts  # noqa: E402
 from pastalm.train.annotate import StructuralAnnotator, check  # noqa: E402
 from pastalm.train.io import read_jsonl  # noqa: E402
 
@@ -34,13 +35,7 @@ def replay(tok, annotated: str, policy: ReservePolicy) -> Interpreter:
     interp = Interpreter(tok, tok.encode("Q", add_special_tokens=False), {tok.eos_token_id}, policy,
                          Limits(max_new_tokens=10**6, max_threads=64, async_factor=10.0, async_cap=10**6), False,
                          scripts)
-    while not interp.finished:
-        feeds = interp.schedule()
-        if not feeds:
-            break
-        for tid in interp.fed(feeds):
-            t = interp.scripted(tid)
-            interp.write(tid, STOP if t is None else t)
+    replay_scripts(interp)
     return interp
 
 

@@ -438,15 +438,10 @@ def _judge(args):
     return HFJudge(j.model, j.tokenizer)
 
 
-def _labelled_adapters(text: str) -> dict[str, str]:
-    """`--adapter A` or `--adapter LABEL=A,LABEL2=B,...` (a label defaults to the folder's name). Decoding options
-    after a '?' are split off by `_adapter_options`."""
-    return {label: a for label, (a, _) in _adapter_options(text).items()}
-
-
 def _adapter_options(text: str) -> dict[str, tuple[str, dict]]:
-    """LABEL -> (adapter, decoding overrides): `LABEL=A?repeat_guard=1&max_promises=12` runs the PASTA mode of that
-    label with those GenerateConfig fields changed (the same weights may appear under several labels)."""
+    """`--adapter A` or `--adapter LABEL=A,LABEL2=B,...` (a label defaults to the folder's name) -> LABEL ->
+    (adapter, decoding overrides): `LABEL=A?repeat_guard=1&max_promises=12` runs the PASTA mode of that label with
+    those GenerateConfig fields changed (the same weights may appear under several labels)."""
     from dataclasses import fields
 
     from .engine import GenerateConfig
@@ -494,12 +489,13 @@ def evaluate(args) -> int:
     from .train.prompts import load_prompts
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    adapters = _labelled_adapters(args.adapter)
+    parsed = _adapter_options(args.adapter)
+    adapters = {label: a for label, (a, _) in parsed.items()}
     if len(adapters) > 1 and "pasta" in modes:  # one pasta mode per adapter
         i = modes.index("pasta")
         modes[i:i + 1] = [f"pasta:{label}" for label in adapters]
     options = {(f"pasta:{label}" if len(adapters) > 1 else "pasta"): o
-               for label, (_, o) in _adapter_options(args.adapter).items() if o}
+               for label, (_, o) in parsed.items() if o}
     cfg = EvalConfig(modes=modes, generate=_decoding_config(args), system=args.system, mode_options=options,
                      efficiency=not args.no_efficiency, sot_skeleton_tokens=args.sot_skeleton_tokens,
                      sot_point_tokens=args.sot_point_tokens)

@@ -84,3 +84,21 @@ class local_server:
         self.server.should_exit = True
         self.thread.join(timeout=5)
         self.sock.close()
+
+
+def replay_scripts(interp, on_step=None) -> None:
+    """The engine's step loop without a model: every thread of `interp` (an `Interpreter` built with scripts)
+    writes the next token of its script, one per step, until the request is finished; `on_step()` runs after each
+    step. Tests and `bench/annotation.py` use it to measure the interpreter on a known workload."""
+    from .engine.interpreter import STOP
+
+    while not interp.finished:
+        feeds = interp.schedule()
+        if not feeds:
+            interp.stop("stalled")
+            break
+        for tid in interp.fed(feeds):
+            t = interp.scripted(tid)
+            interp.write(tid, STOP if t is None else t)
+        if on_step is not None:
+            on_step()

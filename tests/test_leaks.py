@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pastalm.engine.interpreter import STOP, Interpreter, Limits
-from pastalm.lang import ReservePolicy, segments
-from pastalm.lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
+from pastalm.engine.engine import thread_segments
+from pastalm.engine.interpreter import Interpreter, Limits
+from pastalm.lang import ReservePolicy
 from pastalm.lang.tags import TAG_HEAD_RE
+from pastalm.testing import replay_scripts
 
 
 @pytest.fixture(scope="module")
@@ -32,39 +33,25 @@ def smol():
 
 
 def thread_texts(annotated: str, sequential: bool) -> list[str]:
-    """What each thread writes for an annotated answer: main's text and tags (every block inline when
-    sequential), each block's chunk and `</async>`. `<async>` is never written: the interpreter forces it."""
-    texts = [""]
-    for seg in segments(annotated):
-        if seg.kind == OPEN:
-            if not sequential:
-                texts.append("")
-        elif seg.kind in (CHUNK, CLOSE) and not sequential:
-            texts[-1] += seg.text
-        elif seg.kind in (TEXT, PROMISE, SYNC_KIND, CHUNK, CLOSE):
-            texts[0] += seg.text
-    return texts
+    """What each thread writes for an annotated answer (`thread_segments`), as one string per thread."""
+    return ["".join(seg.text for seg in segs) for segs in thread_segments(annotated, sequential)]
 
 
 def drive(interp: Interpreter) -> list[str]:
-    """The engine's step loop without a model (every thread follows its script); returns the streamed pieces."""
-    streamed, pieces = "", []
-    while not interp.finished:
-        feeds = interp.schedule()
-        if not feeds:
-            interp.stop("stalled")
-            break
-        for tid in interp.fed(feeds):
-            tok = interp.scripted(tid)
-            interp.write(tid, STOP if tok is None else tok)
+    """Replay every thread's script (`replay_scripts`); returns the streamed pieces, checking after every step
+    that the stream only grows."""
+    pieces = [""]
+
+    def step() -> None:
         now = interp.rendered()
-        assert now.startswith(streamed), "the stream never takes back what it showed"
-        pieces.append(now[len(streamed):])
-        streamed = now
+        assert now.startswith("".join(pieces)), "the stream never takes back what it showed"
+        pieces.append(now[len("".join(pieces)):])
+
+    replay_scripts(interp, step)
     final = interp.rendered(complete=True)
+    streamed = "".join(pieces)
     assert final.startswith(streamed)
-    pieces.append(final[len(streamed):])
-    return pieces
+    return pieces + [final[len(streamed):]]
 
 
 def encode_main(tok, text: str, split: bool) -> list[int]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
-from ..lang.layout import ReservePolicy, tokenize_segments
-from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT
+from ..lang.layout import ReservePolicy
+from ..lang.render import CHUNK, CLOSE, OPEN, PROMISE, SYNC_KIND, TEXT, Segment, segments
 from .batch import Batcher
 from .interpreter import Limits
 
@@ -93,21 +93,27 @@ class Result:
         return d
 
 
-def scripts_for(tokenizer, annotated: str, sequential: bool = False) -> list[list[int]]:
-    """Per-thread token scripts that replay an annotated answer (tokenized segment by segment).
-
-    Main's script holds its text and tags; block j's holds its chunk and `</async>`. `<async>` is never
-    scripted: the interpreter forces it. Sequentially, main writes the blocks inline."""
-    scripts: list[list[int]] = [[]]
-    for seg, ids in tokenize_segments(tokenizer, annotated):
+def thread_segments(annotated: str, sequential: bool = False) -> list[list[Segment]]:
+    """The segments each thread writes when it replays an annotated answer, main first: main's text and tags,
+    block j's chunk and `</async>`. `<async>` is never written: the interpreter forces it. Sequentially, main
+    writes the blocks inline."""
+    threads: list[list[Segment]] = [[]]
+    for seg in segments(annotated):
         if seg.kind == OPEN:
             if not sequential:
-                scripts.append([])
+                threads.append([])
         elif seg.kind in (CHUNK, CLOSE) and not sequential:
-            scripts[-1].extend(ids)
+            threads[-1].append(seg)
         elif seg.kind in (TEXT, PROMISE, SYNC_KIND, CHUNK, CLOSE):
-            scripts[0].extend(ids)
-    return scripts
+            threads[0].append(seg)
+    return threads
+
+
+def scripts_for(tokenizer, annotated: str, sequential: bool = False) -> list[list[int]]:
+    """Per-thread token scripts that replay an annotated answer (`thread_segments`), tokenized segment by segment
+    as in training (docs/spec.md T1)."""
+    return [[i for seg in segs for i in tokenizer.encode(seg.text, add_special_tokens=False)]
+            for segs in thread_segments(annotated, sequential)]
 
 
 class Engine:

@@ -162,7 +162,7 @@ def judge_all(records: list[dict], judge: Judge, out_dir: Path, progress: bool =
 
 
 def defect_rates(recs: list[dict]) -> dict:
-    """Share of answers with each visible defect, plus the mean number of duplicate items and cut chunks."""
+    """Share of answers with each visible defect, and with any of them but the token limit (`any`)."""
     n = len(recs)
     ds = [defects(r["answer"], r.get("raw", ""), r.get("pieces"), r.get("limits_hit")) for r in recs]
     out = {k: sum(d[k] for d in ds) / n for k in DEFECTS}
@@ -238,9 +238,8 @@ def _paired(rows: list[tuple[dict, dict]], judgments: dict, mode: str) -> dict |
     pairs = [(r, ref, j, js) for r, ref, j, js in pairs if j is not None and js is not None and r["wall_s"] > 0]
     if len(pairs) < 2:
         return None
-    out = paired_bootstrap([ref["wall_s"] for _, ref, _, _ in pairs], [r["wall_s"] for r, _, _, _ in pairs],
-                           [js["score"] for _, _, _, js in pairs], [j["score"] for _, _, j, _ in pairs])
-    return out
+    return paired_bootstrap([ref["wall_s"] for _, ref, _, _ in pairs], [r["wall_s"] for r, _, _, _ in pairs],
+                            [js["score"] for _, _, _, js in pairs], [j["score"] for _, _, j, _ in pairs])
 
 
 def summarize(records: list[dict], judgments: list[dict], cfg: EvalConfig, judge: Judge | None,
@@ -395,10 +394,12 @@ def report_md(summary: dict, title: str = "pasta eval") -> str:
                 lines.append(f"| `{mode}` | {label} | {val} | {'-' if v[1] is None else ('yes' if v[1] else 'no')} |")
         lines.append("")
     noise = summary["groups"].get("all", {}).get("sample", {}).get("vs_sequential")
+    ref_name = summary.get("reference_mode") or "sequential"
     if noise:
-        lines += [f"Noise floor of the proxy: a second, sampled answer of the sequential model scores "
-                  f"{noise['quality_diff']:+.3f} [{noise['quality_diff_ci'][0]:+.3f}, {noise['quality_diff_ci'][1]:+.3f}] "
-                  f"against sequential's greedy answer (ratio {noise['quality_ratio']:.3f}).", ""]
+        lines += [f"Noise floor of the proxy: a second, sampled answer of the sequential model differs from its greedy "
+                  f"answer by {noise['quality_diff']:+.3f} [{noise['quality_diff_ci'][0]:+.3f}, "
+                  f"{noise['quality_diff_ci'][1]:+.3f}] in quality, both judged against `{ref_name}` "
+                  f"(ratio {noise['quality_ratio']:.3f}).", ""]
     if summary["judge"] == "proxy":
         ref = summary.get("reference_mode") or "sequential"
         lines += [f"The `proxy` judge is not a preference judge: it scores content kept relative to the `{ref}` "

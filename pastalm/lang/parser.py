@@ -19,6 +19,8 @@ no tag reaches the reader whatever the model writes or where a limit cuts it (do
 
 from __future__ import annotations
 
+import os.path
+import re
 from dataclasses import dataclass
 
 from .tags import ASYNC_CLOSE, ASYNC_OPEN, MAX_PROMISE_CHARS, SYNC, TAG_HEAD_RE, TAG_HEADS, parse_promise
@@ -171,7 +173,7 @@ class StreamParser:
         if head is None:
             if any(h.startswith(s) for h in TAG_HEADS):
                 return _PARTIAL, 0, None
-            k = max(_common_prefix(s, h) for h in TAG_HEADS)
+            k = max(len(os.path.commonprefix([s, h])) for h in TAG_HEADS)
             if k >= 2 and s[k:k + 1] == "<":  # a tag start (`</`, `<prom`) cut off by the next tag
                 return _COMPLETE, k, Stray(s[:k])
             return _NONE, 0, None
@@ -186,24 +188,15 @@ class StreamParser:
         return _COMPLETE, end, Stray(frag)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+_FRAGMENT_END = re.compile(r"[<>\n]")
 
 
 def _fragment_end(s: str, start: int) -> int | None:
     """End of the tag fragment that starts s (its head ends at `start`): after the first '>', before a '<' or a
     line break, or at MAX_PROMISE_CHARS; None while none of these has arrived yet."""
-    for k in range(start, min(len(s), MAX_PROMISE_CHARS)):
-        c = s[k]
-        if c == ">":
-            return k + 1
-        if c in "<\n":
-            return k
+    m = _FRAGMENT_END.search(s, start, MAX_PROMISE_CHARS)
+    if m is not None:
+        return m.end() if m.group() == ">" else m.start()
     return MAX_PROMISE_CHARS if len(s) > MAX_PROMISE_CHARS else None
 
 

@@ -28,7 +28,7 @@ MAX_PROMISE_CHARS = 256
 # (docs/spec.md, "Stray tags"). So no tag, whole or cut, reaches the reader.
 TAG_NAMES = ("promise", "async", "sync")
 TAG_HEADS = tuple(f"<{slash}{name}" for name in TAG_NAMES for slash in ("", "/"))
-TAG_HEAD_RE = re.compile(r"</?(?:promise|async|sync)(?![\w-])")
+TAG_HEAD_RE = re.compile(r"</?(?:" + "|".join(TAG_NAMES) + r")(?![\w-])")
 
 
 def parse_promise(tag: str) -> tuple[str, int] | None:

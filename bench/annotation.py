@@ -33,7 +33,8 @@ from pastalm.train.io import read_jsonl  # noqa: E402
 def replay(tok, annotated: str, policy: ReservePolicy) -> Interpreter:
     scripts = scripts_for(tok, annotated)
     interp = Interpreter(tok, tok.encode("Q", add_special_tokens=False), {tok.eos_token_id}, policy,
-                         Limits(max_new_tokens=10**6, max_threads=64, async_factor=10.0, async_cap=10**6), False,
+                         Limits(max_new_tokens=10**6, max_threads=64, async_factor=10.0, async_cap=10**6,
+                                repeat_guard=False, block_guard=False), False,
                          scripts)
     replay_scripts(interp)
     return interp

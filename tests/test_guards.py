@@ -25,13 +25,13 @@ def replay(tokenizer, limits: Limits) -> Interpreter:
 
 
 def test_no_guard_replays_everything(tokenizer):
-    interp = replay(tokenizer, Limits())
+    interp = replay(tokenizer, Limits(repeat_guard=False, block_guard=False))
     assert interp.rendered(complete=True) == render(RUNAWAY)
     assert len(interp.threads) == 5 and interp.limits_hit == []
 
 
-@pytest.mark.parametrize("limits,reason", [(Limits(repeat_guard=True), "repeated_topic"),
-                                           (Limits(max_promises=2), "max_promises")])
+@pytest.mark.parametrize("limits,reason", [(Limits(), "repeated_topic"),
+                                           (Limits(max_promises=2, repeat_guard=False), "max_promises")])
 def test_guard_ends_main_at_the_promise(tokenizer, limits, reason):
     """The third promise repeats the first's topic (case and spaces aside) and is the third: either guard ends main
     there. The two blocks already forked are complete; main's text up to the promise stays."""

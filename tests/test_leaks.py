@@ -151,8 +151,11 @@ def model_outputs(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(model_outputs(), st.integers(1, 120), st.sampled_from([0.1, 0.5, 2.0]), st.integers(0, 3), st.booleans())
-def test_no_tag_reaches_the_reader_property(smol, annotated, max_new, factor, max_threads, sequential):
-    """Random model outputs, random token limits, block budgets and thread limits, async or sequential: the
-    rendered and streamed text never holds a tag head, and the raw form keeps what was written."""
-    run(smol, annotated, Limits(max_new_tokens=max_new, async_factor=factor, max_threads=max_threads), sequential)
+@given(model_outputs(), st.integers(1, 120), st.sampled_from([0.1, 0.5, 2.0]), st.integers(0, 3), st.booleans(),
+       st.booleans())
+def test_no_tag_reaches_the_reader_property(smol, annotated, max_new, factor, max_threads, sequential, guards):
+    """Random model outputs, random token limits, block budgets and thread limits, async or sequential, runaway
+    guards on or off: the rendered and streamed text never holds a tag head, and the raw form keeps what was
+    written."""
+    run(smol, annotated, Limits(max_new_tokens=max_new, async_factor=factor, max_threads=max_threads,
+                                repeat_guard=guards, block_guard=guards), sequential)

@@ -40,8 +40,8 @@ class Limits:
     async_cap: int = 512  # ... but never more than this (+ its two tags)
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
     max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
-    repeat_guard: bool = False  # runaway guard: main ends at a promise whose topic an earlier promise had
-    block_guard: bool = False  # a block that writes a promise (a stray: blocks cannot fork) ends there
+    repeat_guard: bool = True  # runaway guard: main ends at a promise whose topic an earlier promise had
+    block_guard: bool = True  # a block that writes a promise (a stray: blocks cannot fork) ends there
     max_context: int | None = None  # cache slots (prompt + every written token)
     max_positions: int | None = None  # rotary positions the model supports
 

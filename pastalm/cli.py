@@ -184,9 +184,9 @@ def _train_parsers(sub) -> None:
     n.add_argument("input", type=Path, help="JSONL with 'prompt' and 'answer' (from `pasta answers`)")
     n.add_argument("--output", type=Path, required=True, help="JSONL of kept records with 'annotated'")
     n.add_argument("--annotator", default="structural", choices=["structural", "teacher"])
-    n.add_argument("--scheme", default="v2", choices=["v2", "v1"],
+    n.add_argument("--scheme", default="v2", choices=["v2", "v3", "v1"],
                    help="structural annotation scheme (docs/spec.md): v2 keeps each item's marker, header and the "
-                        "whitespace between items in main; v1 puts whole items in the blocks")
+                        "whitespace between items in main; v3 is v2 without topics; v1 puts whole items in the blocks")
     n.add_argument("--teacher-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     n.add_argument("--teacher-model", help="model name at the teacher endpoint")
     n.add_argument("--teacher-key-env", default="PASTA_TEACHER_API_KEY", help="env var holding the API key")

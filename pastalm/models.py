@@ -158,6 +158,9 @@ def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "n
             raise ModelError(f"--adapter: could not apply '{where_adapter}' to {name}: {e}") from e
         name = f"{name}+{where_adapter.name}"
     lm.to(td)
+    device = os.environ.get("PASTA_DEVICE")
+    if device:  # e.g. "cuda": decode (and sample for stage 2) on a GPU; the default is the CPU
+        lm.to(device)
     lm.eval()
     return Loaded(lm, tok, name, dtype, str(where_adapter) if where_adapter else None)
 
@@ -193,7 +196,9 @@ def chat_messages(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def stop_ids(model, tokenizer) -> set[int]:
-    """Token ids that end generation: the generation config's and the tokenizer's EOS."""
+    """Token ids that end generation: the generation config's and the tokenizer's EOS, and with a ChatML template
+    the turn markers `<|im_start|>` and `<|im_end|>`: a model that opens a new turn has ended its own (the v3
+    adapter once wrote `...well-being.<|im_start|>user\nWhat is ...` where `<|im_end|>` belonged)."""
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(src, "eos_token_id", None) if src is not None else None
@@ -201,4 +206,11 @@ def stop_ids(model, tokenizer) -> set[int]:
             ids.add(eos)
         elif eos:
             ids.update(int(e) for e in eos)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[m] for m in CHATML_MARKERS if m in template and m in vocab)
     return ids
+
+
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")

@@ -64,3 +64,39 @@ def test_block_guard_ends_a_block_that_promises(tokenizer):
         assert interp.rendered(complete=True) == "Tips:\n1. **Buy**:" + chunk + "\n\nDone."
         assert ("block_guard(thread 1)" in interp.limits_hit) == guard
         assert '<promise topic="buy" tokens="9"/>' in interp.raw().split("<async>", 1)[1]
+
+
+def test_repeat_guard_keys_a_topicless_promise_on_its_lead(tokenizer):
+    """Scheme v3 writes `<promise tokens="N"/>`: the repeat guard compares the lead on the promise's line instead
+    (list marker, markup, case and punctuation aside), so `3. *buy*:` repeats `1. **Buy**:`."""
+    topicless = RUNAWAY.replace('topic="Buy " ', "").replace(' topic="buy"', "").replace(' topic="plan"', "") \
+        .replace(' topic="cook"', "").replace("3. **Buy**:", "3. *buy* :")
+    assert "topic" not in topicless
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in thread_texts(topicless, False)]
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(), False, scripts)
+    drive(interp)
+    assert interp.limits_hit == ["repeated_topic"] and len(interp.threads) == 3
+    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n3. *buy* :"
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(repeat_guard=False),
+                         False, scripts)
+    drive(interp)
+    assert interp.limits_hit == [] and len(interp.threads) == 5
+
+
+def test_chatml_turn_markers_stop(tokenizer):
+    """A model that opens a new ChatML turn has ended its answer: `<|im_start|>` stops like EOS, so the invented
+    next turn never reaches the reader."""
+    from pastalm.models import stop_ids
+    from pastalm.testing import tiny_model
+
+    ids = stop_ids(tiny_model(), tokenizer)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert {start, end} <= ids
+    script = tokenizer.encode("Keep a fixed schedule.", add_special_tokens=False) + [start] + \
+        tokenizer.encode("user\nWhat next?", add_special_tokens=False)
+    interp = Interpreter(tokenizer, tokenizer.encode("Tips?", add_special_tokens=False), ids,
+                         ReservePolicy.for_tokenizer(tokenizer), Limits(), False, [script])
+    drive(interp)
+    assert interp.rendered(complete=True) == "Keep a fixed schedule." and interp.main.finish == "eos"

@@ -104,6 +104,16 @@ def test_structural_annotates_a_list_with_sync_before_referring_text(tokenizer):
     assert '<promise topic="keep' in ann and ann.index("<sync/>") < ann.index("By following")
 
 
+def test_scheme_v3_is_v2_without_topics(tokenizer):
+    """v3 writes the same leads, blocks and separators as v2 and only leaves the topic out of each promise."""
+    v2 = StructuralAnnotator(scheme="v2").annotate("tips", LIST_ANSWER)
+    v3 = StructuralAnnotator(scheme="v3").annotate("tips", LIST_ANSWER)
+    assert "topic=" not in v3 and v3 == re.sub(r' topic="[^"]*"', "", v2)
+    rep = validate(v3, original=LIST_ANSWER)
+    assert rep.ok and rep.promises == 3
+    assert check(v3, LIST_ANSWER, tokenizer).annotated.count('<promise tokens="') == 3
+
+
 @pytest.mark.parametrize("answer", [
     "The capital of France is Paris.",
     "2 + 2 = 4.",

@@ -11,12 +11,16 @@ Every written token is fed to the cache (so main sees exactly the text a block w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..lang.layout import Layout, ReservePolicy, Span
 from ..lang.parser import AsyncClose, Promise, Stray, StreamParser, Sync, Text
 from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
+
+_LIST_MARKER = re.compile(r"^\s*(?:#+|[-*+]|\d+[.)])\s+")
+_NOT_WORD = re.compile(r"[^\w\s]+")
 
 STOP = -1  # what `scripted` returns once a thread's script is used up: the thread ends as on EOS
 from .detok import Detokenizer
@@ -40,7 +44,7 @@ class Limits:
     async_cap: int = 512  # ... but never more than this (+ its two tags)
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
     max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
-    repeat_guard: bool = True  # runaway guard: main ends at a promise whose topic an earlier promise had
+    repeat_guard: bool = True  # runaway guard: main ends at a promise whose topic (or lead) an earlier promise had
     block_guard: bool = True  # a block that writes a promise (a stray: blocks cannot fork) ends there
     max_context: int | None = None  # cache slots (prompt + every written token)
     max_positions: int | None = None  # rotary positions the model supports
@@ -298,12 +302,12 @@ class Interpreter:
             t.status = Status.WAITING
 
     def _runaway(self, ev: Promise) -> bool:
-        """The runaway guards (docs/spec.md, "Limits"): a promise past `max_promises`, or one whose topic repeats an
-        earlier promise's (`repeat_guard`), ends main there: the promise forks nothing, the blocks already forked
-        finish, and `limits_hit` says which guard ended it. Main's text so far stays, and the raw form keeps the
-        promise."""
+        """The runaway guards (docs/spec.md, "Limits"): a promise past `max_promises`, or one whose topic (without a
+        topic: the lead on its line) repeats an earlier promise's (`repeat_guard`), ends main there: the promise
+        forks nothing, the blocks already forked finish, and `limits_hit` says which guard ended it. Main's text so
+        far stays, and the raw form keeps the promise."""
         lim = self.limits
-        key = " ".join(ev.topic.lower().split())
+        key = " ".join(ev.topic.lower().split()) or self._lead_key()
         if lim.max_promises is not None and self.num_promises >= lim.max_promises:
             reason = "max_promises"
         elif lim.repeat_guard and key and key in self.topics:
@@ -316,6 +320,21 @@ class Interpreter:
         self._hit(reason)
         self._done(main)
         return True
+
+    def _lead_key(self) -> str:
+        """The repeat guard's key of a promise without a topic (scheme v3): main's text on the promise's line,
+        lower-cased, without its list marker, markup and punctuation (`3. **Buy in bulk**:` -> `buy in bulk`)."""
+        parts = []
+        for e in reversed(self.main.events[:-1]):
+            if isinstance(e, Promise):
+                break
+            if isinstance(e, Text):
+                parts.append(e.raw)
+                if "\n" in e.raw:
+                    break
+        line = "".join(reversed(parts)).rsplit("\n", 1)[-1]
+        line = _LIST_MARKER.sub("", line.lower())
+        return " ".join(_NOT_WORD.sub(" ", line).split())
 
     def _open_inline(self, t: Thread) -> None:
         """Force the `<async>` of a block main decodes inline. When the token that completed the promise also began

@@ -60,15 +60,16 @@ class SharedCache:
         self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
         self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
         mask = additive_mask(visibility(views, self.slot_column, self.slot_index), self.dtype)
+        dev = self.model.device  # the bookkeeping stays on the CPU; the model may be on a GPU (PASTA_DEVICE)
         out = self.model(
-            input_ids=torch.tensor([ids]),
-            position_ids=torch.tensor([positions]),
-            attention_mask=mask,
+            input_ids=torch.tensor([ids], device=dev),
+            position_ids=torch.tensor([positions], device=dev),
+            attention_mask=mask.to(dev),
             **{self._cache_kw: self.cache},
             use_cache=True,
-            logits_to_keep=torch.tensor(last),
+            logits_to_keep=torch.tensor(last, device=dev),
         )
-        return out.logits[0]
+        return out.logits[0].cpu()  # sampling uses CPU generators (seeded per thread)
 
     @property
     def num_slots(self) -> int:
@@ -85,8 +86,9 @@ class SharedCache:
             where = keep.nonzero().squeeze(1)
             for layer in self.cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                    layer.keys = layer.keys.index_select(-2, where)
-                    layer.values = layer.values.index_select(-2, where)
+                    w = where.to(layer.keys.device)
+                    layer.keys = layer.keys.index_select(-2, w)
+                    layer.values = layer.values.index_select(-2, w)
             self.slot_column = remap[self.slot_column[where]]
             self.slot_index = self.slot_index[where]
         for r in live:

@@ -43,10 +43,13 @@ def parse_promise(tag: str) -> tuple[str, int] | None:
     return attrs.get("topic", ""), int(tokens)
 
 
-def promise_tag(topic: str, tokens: int) -> str:
-    """Serialize a promise; raises ValueError on a topic with a quote or a non-positive token count."""
-    if '"' in topic or "<" in topic or ">" in topic:
+def promise_tag(topic: str | None, tokens: int) -> str:
+    """Serialize a promise; an empty or None topic leaves the attribute out (`<promise tokens="N"/>`, scheme v3).
+    Raises ValueError on a topic with a quote or a non-positive token count."""
+    if topic and ('"' in topic or "<" in topic or ">" in topic):
         raise ValueError(f"promise topic {topic!r} may not contain '\"', '<' or '>'")
     if int(tokens) <= 0:
         raise ValueError(f"promise tokens must be a positive integer, got {tokens!r}")
+    if not topic:
+        return f'<promise tokens="{int(tokens)}"/>'
     return f'<promise topic="{topic}" tokens="{int(tokens)}"/>'

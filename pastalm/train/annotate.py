@@ -84,6 +84,8 @@ class StructuralAnnotator:
       has no header; so is the whitespace between items. The block holds only the body. Numbering, layout and
       the outline are written in order by main, every block sees the leads of all earlier items, and no two
       chunks can touch. Topics are the lead's key words, distinct within an answer.
+    - "v3": v2 without topics (`<promise tokens="N"/>`): the lead main has just written names the item, so a topic
+      only repeats it on the critical path (about 5 tokens a promise).
     - "v1": the whole item, its marker and the whitespace after it, is the block; topics are two words."""
 
     name = "structural"
@@ -180,7 +182,7 @@ class StructuralAnnotator:
             out.append(answer[pos:spans[0][0]])
             topics: set[str] = set()
             for k, (s, e) in enumerate(spans):
-                if self.scheme == "v2":
+                if self.scheme != "v1":
                     out.append(self._item_v2(answer[s:e], k, topics))
                     continue
                 out.append(promise_tag(topic_of(answer[s:e]) or f"part {k + 1}", 1))
@@ -203,7 +205,7 @@ class StructuralAnnotator:
         out = [parts[0]]
         topics: set[str] = set()
         for k, p in enumerate(middle):
-            if self.scheme == "v2":
+            if self.scheme != "v1":
                 out.append(self._item_v2(p, k, topics))
                 continue
             out.append(promise_tag(topic_of(p) or f"part {k + 1}", 1) + ASYNC_OPEN + p + ASYNC_CLOSE)
@@ -224,11 +226,12 @@ class StructuralAnnotator:
         body = rest.rstrip()
         if not body.strip():
             return item
-        topic = distinct_topic(lead_topic(lead) or topic_of(item, 4), item, k, topics)
+        topic = None if self.scheme == "v3" else distinct_topic(lead_topic(lead) or topic_of(item, 4), item, k,
+                                                                  topics)
         return lead + promise_tag(topic, 1) + ASYNC_OPEN + body + ASYNC_CLOSE + rest[len(body):]
 
 
-SCHEMES = ("v2", "v1")
+SCHEMES = ("v2", "v3", "v1")
 _CLAUSE_END = re.compile(r"[:,;.!?]")
 
 

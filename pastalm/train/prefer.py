@@ -236,13 +236,18 @@ def pair_layouts(tokenizer, pairs: list[dict], cfg: PreferConfig) -> tuple[list[
 
 
 @torch.no_grad()
+def _to(batch: dict, model) -> dict:
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
 def reference_logps(model, items: list[dict], collate, batch_size: int, norm: str = "mean") -> None:
     """Store the model's sequence log-probabilities of each pair's answers (`ref_w`, `ref_l`) before training."""
     was_training = model.training
     model.eval()
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
+        batch = _to(collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk]), model)
         labels = batch.pop("labels")
         logp, _ = ipo_logps(model(**batch).logits, labels, norm)
         for j, it in enumerate(chunk):
@@ -269,12 +274,12 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
         order = torch.randperm(len(items), generator=g).tolist()
         for i in range(0, len(order), cfg.batch_size):
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
-            batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
+            batch = _to(collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk]), model)
             labels = batch.pop("labels")
             logp, nll = ipo_logps(model(**batch).logits, labels, cfg.ipo_norm)
             n = len(chunk)
-            ref_w = torch.tensor([it["ref_w"] for it in chunk])
-            ref_l = torch.tensor([it["ref_l"] for it in chunk])
+            ref_w = torch.tensor([it["ref_w"] for it in chunk], device=logp.device)
+            ref_l = torch.tensor([it["ref_l"] for it in chunk], device=logp.device)
             loss = bonbon_loss(logp[:n], logp[n:], ref_w, ref_l, nll[:n], cfg.alpha, cfg.beta)
             (loss / cfg.grad_accum).backward()
             acc_loss += float(loss.detach()) / cfg.grad_accum

@@ -502,7 +502,8 @@ def test_adapter_options_are_checked():
 
 # -- visible defects ---------------------------------------------------------------------------------------------
 
-from pastalm.eval.defects import defects, duplicate_items, glued, numbering_broken, runaway, tag_leak  # noqa: E402
+from pastalm.eval.defects import (  # noqa: E402
+    DEFECTS, defects, duplicate_items, empty_items, glued, numbering_broken, runaway, tag_leak)
 
 
 def test_defects_on_the_answers_of_issue_13():
@@ -523,5 +524,14 @@ def test_defects_on_the_answers_of_issue_13():
     assert runaway(raw, ["max_new_tokens"]) and not runaway(raw, []) and not runaway("plain text", ["max_new_tokens"])
     clean = "Three tips:\n\n1. **Sleep**: Keep a fixed schedule.\n\n2. **Light**: Dim the lights.\n\nRest well."
     d = defects(clean, clean, [{"thread": 0, "text": clean, "finish": "eos"}], [])
-    assert not any(d[k] for k in ("tag_leak", "hit_limit", "runaway", "cut_chunk", "glued", "numbering",
-                                  "duplicate_items"))
+    assert not any(d[k] for k in DEFECTS) and "empty_item" in DEFECTS
+
+
+def test_empty_item_is_a_lead_without_body():
+    """What a runaway guard leaves (`6. Conclusion:`) is an empty item; an item whose sub-items follow is not."""
+    assert empty_items("Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n3. **Buy**:") == 1
+    assert empty_items("1. Use coupons: save.\n2. Shop local: buy fresh.\n6. Conclusion:") == 1
+    assert empty_items("1. **A**:\n2. **B**: ok\n3. c") == 1
+    assert empty_items("1. **Step 1**:\n   - sub a\n   - sub b\n2. **Step 2**: ok") == 0
+    assert empty_items("1. Sleep: keep a schedule.\n2. Light: dim the lamps.") == 0
+    assert empty_items("Only one item:\n1. **A**:") == 0  # not a list

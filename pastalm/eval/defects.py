@@ -13,7 +13,9 @@ Definitions are in docs/spec.md ("Quality measures"):
   marker stands mid-line right after a sentence end;
 - `numbering`: numbered list markers out of order (1, 2, 4, 4, ...; a restart at 1 is a new list);
 - `duplicate_items`: two items of one answer say nearly the same thing (the same header, or 3-word shingles with
-  Jaccard similarity >= 0.5).
+  Jaccard similarity >= 0.5);
+- `empty_item`: a list item that is only its lead: a marker, a header or a short label ending in ':' with nothing
+  after it (`6. Conclusion:` at the end of an answer a guard ended).
 """
 
 from __future__ import annotations
@@ -103,6 +105,33 @@ def duplicate_items(text: str, threshold: float = 0.5) -> int:
     return dup
 
 
+_LEAD_ONLY = re.compile(r"^(?:\*\*[^*\n]*\*\*|[^\n]{0,60}:)?[\s:*_.-]*$")
+
+
+def empty_items(text: str) -> int:
+    """List items with nothing after their marker and header (or a label ending in ':'). An item followed by a
+    deeper or different marker (`1. **Step**:` then `   - sub-item`) has sub-items and is not empty."""
+    marks = list(_ITEM_START.finditer(text))
+    if len(marks) < 2:
+        return 0
+    n = 0
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        if not _LEAD_ONLY.match(text[m.end():end].strip()):
+            continue
+        if k + 1 < len(marks) and _shape(marks[k + 1].group()) != _shape(m.group()):
+            continue
+        n += 1
+    return n
+
+
+def _shape(marker: str) -> tuple[int, str]:
+    """Indent and kind (number, bullet or heading) of a list marker."""
+    body = marker.lstrip(" \t")
+    kind = "n" if body[:1].isdigit() else body[:1]
+    return len(marker) - len(body), kind
+
+
 def defects(text: str, raw: str = "", pieces: list[dict] | None = None, limits_hit: list[str] | None = None) -> dict:
     """All checks for one answer: booleans, plus counts where there can be several."""
     pieces = pieces or [{"thread": 0, "text": text, "finish": ""}]
@@ -119,7 +148,8 @@ def defects(text: str, raw: str = "", pieces: list[dict] | None = None, limits_h
         "numbering": numbering_broken(text),
         "duplicate_items": dup > 0,
         "duplicates": dup,
+        "empty_item": empty_items(text) > 0,
     }
 
 
-DEFECTS = ("tag_leak", "hit_limit", "runaway", "cut_chunk", "glued", "numbering", "duplicate_items")
+DEFECTS = ("tag_leak", "hit_limit", "runaway", "cut_chunk", "glued", "numbering", "duplicate_items", "empty_item")

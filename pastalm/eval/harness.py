@@ -299,6 +299,7 @@ ROWS = [
     ("defect: glued items", "defects.glued", "{:.0%}"),
     ("defect: numbering out of order", "defects.numbering", "{:.0%}"),
     ("defect: duplicate items", "defects.duplicate_items", "{:.0%}"),
+    ("defect: empty item (a lead with no body)", "defects.empty_item", "{:.0%}"),
     ("defect: any of the above but the limit", "defects.any", "{:.0%}"),
     ("proxy: content kept", "content", "{:.3f}"),
     ("proxy: repetition across chunks", "repetition", "{:.3f}"),

@@ -159,6 +159,21 @@ def test_sampling_is_reproducible(model, tokenizer):
     assert a.token_ids != c.token_ids
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1e-300, 1.0), (1e-6, 0.9), (1.0, 1e-300), (5e-324, 5e-324)])
+def test_tiny_temperature_or_top_p_is_greedy_not_nan(model, tokenizer, temperature, top_p):
+    """A temperature of 1e-300 overflowed the logits into NaN probabilities (issue 15): now it decodes greedily,
+    token for token as temperature 0 does; a tiny top_p keeps only the most likely token, also greedy."""
+    from pastalm.engine.sampler import sample, thread_generator
+
+    logits = torch.randn(tokenizer.vocab_size, generator=torch.Generator().manual_seed(0)) * 30
+    assert sample(logits, temperature, top_p, thread_generator(0, 0)) == int(torch.argmax(logits))
+    prompt = chat_prompt(tokenizer, "Write something.")
+    eng = engine_for(model, tokenizer)
+    greedy = eng.generate(prompt, GenerateConfig(max_new_tokens=20))
+    tiny = eng.generate(prompt, GenerateConfig(max_new_tokens=20, temperature=temperature, top_p=top_p, seed=3))
+    assert tiny.token_ids == greedy.token_ids
+
+
 def test_forced_sequential_gives_same_answer(model, tokenizer):
     """Sequential replay of an annotated answer writes the same text in one thread."""
     prompt = chat_prompt(tokenizer, "Tips please.")

@@ -40,7 +40,9 @@ def test_guard_ends_main_at_the_promise(tokenizer, limits, reason):
     assert len(interp.threads) == 3  # main and the two blocks before the guard
     assert interp.main.finish == reason
     assert [t.finish for t in interp.threads[1:]] == ["close", "close"]
-    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n3. **Buy**:"
+    # the refused item's lead is not shown (it was never streamed either); the raw form keeps it
+    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n"
+    assert "".join(p["text"] for p in interp.pieces()) == interp.rendered(complete=True)
     assert interp.raw().endswith('3. **Buy**:<promise topic="Buy " tokens="5"/>')
 
 
@@ -77,7 +79,7 @@ def test_repeat_guard_keys_a_topicless_promise_on_its_lead(tokenizer):
                          {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(), False, scripts)
     drive(interp)
     assert interp.limits_hit == ["repeated_topic"] and len(interp.threads) == 3
-    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n3. *buy* :"
+    assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n"
     interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
                          {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(repeat_guard=False),
                          False, scripts)
@@ -100,3 +102,24 @@ def test_chatml_turn_markers_stop(tokenizer):
                          ReservePolicy.for_tokenizer(tokenizer), Limits(), False, [script])
     drive(interp)
     assert interp.rendered(complete=True) == "Keep a fixed schedule." and interp.main.finish == "eos"
+
+
+def test_stream_holds_a_lead_back_until_its_promise_forks(tokenizer):
+    """While main's last line may be a lead (short, starts like a list item), the stream does not show it: a lead
+    the guard then refuses was never on screen. Once its promise forks, the lead is shown with the block; a lead
+    of more than LEAD_HOLD characters, or prose, streams at once and stays."""
+    from pastalm.engine.interpreter import LEAD_HOLD
+
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in thread_texts(RUNAWAY, False)]
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(), False, scripts)
+    parts = drive(interp)  # what the stream showed after each step, then what the end added
+    assert "".join(parts) == interp.rendered(complete=True) and "3. **Buy**" not in "".join(parts)
+    long_lead = "3. " + "x" * LEAD_HOLD + ":"
+    answer = RUNAWAY.replace("3. **Buy**:", long_lead)
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in thread_texts(answer, False)]
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(), False, scripts)
+    parts = drive(interp)
+    assert long_lead in "".join(parts[:-1])  # streamed before the end, so it stays
+    assert interp.rendered(complete=True).endswith(long_lead)

@@ -120,6 +120,7 @@ V2_ANSWER = ("Three tips:\n\n1. **Sleep**:" + P.format("sleep", 6) + "<async> Ke
              "<sync/>Together they help.")
 ANSWERS = {
     "v2_list": V2_ANSWER,
+    "v3_list": re.sub(r' topic="[^"]*"', "", V2_ANSWER),  # scheme v3: promises without topics
     "sync_between": "A " + P.format("x", 5) + "<async>the moon</async><sync/> then " + P.format("y", 3)
     + "<async>the night</async> and " + P.format("z", 12) + "<async>the wind</async><sync/> end.",
     "no_sync": "Go: " + P.format("p", 8) + "<async>first, second</async> and " + P.format("q", 30)

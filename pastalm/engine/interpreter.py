@@ -20,6 +20,12 @@ from ..lang.parser import AsyncClose, Promise, Stray, StreamParser, Sync, Text
 from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
 
 _LIST_MARKER = re.compile(r"^\s*(?:#+|[-*+]|\d+[.)])\s+")
+# A line that may be a list item's lead (`2. **Design**:`, `- Buy`, `**Tip**`, the `2` before its `.`, or only the
+# indentation before one): while
+# main's unfinished last line looks like this and is at most LEAD_HOLD characters, the stream holds it back, so
+# that a lead a runaway guard refuses is never shown (docs/spec.md section 5).
+_LEAD_LIKE = re.compile(r"^[ \t]*(?:\d{1,3}(?:[.)]|$)|[-*+#]|\*\*?|$)")
+LEAD_HOLD = 80
 _NOT_WORD = re.compile(r"[^\w\s]+")
 
 STOP = -1  # what `scripted` returns once a thread's script is used up: the thread ends as on EOS
@@ -133,6 +139,7 @@ class Interpreter:
         self.limits_hit: list[str] = []
         self.num_promises = 0
         self.topics: set[str] = set()  # normalized topics of main's promises so far (the repeat guard)
+        self.refused: int | None = None  # index in main.events of the promise a runaway guard refused
         self.num_slots = 0
         self.clock = 0  # critical-path length of main so far, in written tokens
         self.critical = 0  # longest finished path so far
@@ -317,6 +324,7 @@ class Interpreter:
             return False
         main = self.main
         main.finish = reason
+        self.refused = len(main.events) - 1
         self._hit(reason)
         self._done(main)
         return True
@@ -398,44 +406,73 @@ class Interpreter:
         return self._compose(raw=False, complete=complete)
 
     def _compose(self, raw: bool, complete: bool) -> str:
-        out = []
+        if raw:
+            return "".join(self._parts(raw=True, complete=complete)[0])
+        return "".join(text for _, text in self._parts(raw=False, complete=complete)[1])
+
+    def _parts(self, raw: bool, complete: bool) -> tuple[list[str], list[tuple[int, str]]]:
+        """The answer as strings (raw) or as (thread, text) pieces in reading order (rendered). Rendered, it leaves
+        out the lead of a promise a runaway guard refused, and while main is running (not `complete`) it holds back
+        main's unfinished last line when it may be such a lead (`held_lead`)."""
+        out: list[str] = []
+        pieces: list[tuple[int, str]] = []
         main = self.main
         waiting = {e for e, _, _ in main.pending_forks}  # promises whose block forks at the next step
-        for i, ev in enumerate(main.events):
-            if raw or isinstance(ev, Text):
+        events = main.events
+        if not raw and self.refused is not None:
+            events = events[: self.refused]
+        tail = 0  # where main's current run of text begins in `pieces`
+        stopped = False
+        for i, ev in enumerate(events):
+            if raw:
                 out.append(ev.raw)
+            elif isinstance(ev, Text):
+                pieces.append((0, ev.raw))
             tid = main.forks.get(i)
             if tid is None:
                 if i in waiting and not raw and not complete:
+                    stopped = True
                     break  # its block comes next in reading order; text after the promise must wait for it
                 continue
             b = self.threads[tid]
             if raw:
                 out.append(ASYNC_OPEN + "".join(e.raw for e in b.events) + ("" if b.closed else ASYNC_CLOSE))
             else:
-                out.append(b.text())
+                pieces.append((tid, b.text()))
+                tail = len(pieces)
                 if b.status < Status.DONE and not complete:
+                    stopped = True
                     break
-        return "".join(out)
+        if not raw and (self.refused is not None or (not complete and not stopped and self._guarded()
+                                                      and main.status < Status.FINISHING)):
+            self._drop_held_lead(pieces, tail)
+        return out, pieces
+
+    def _guarded(self) -> bool:
+        return self.limits.repeat_guard or self.limits.max_promises is not None
+
+    @staticmethod
+    def _drop_held_lead(pieces: list[tuple[int, str]], tail: int) -> None:
+        """Cut main's last line (from its last line break on, within main's last run of text) when it may be a
+        lead: at most LEAD_HOLD characters that look like a list item's start."""
+        run = "".join(text for _, text in pieces[tail:])
+        line = run[run.rfind("\n") + 1:]
+        if not line or len(line) > LEAD_HOLD or not _LEAD_LIKE.match(line):
+            return
+        keep = len(run) - len(line)
+        del pieces[tail:]
+        if keep:
+            pieces.append((0, run[:keep]))
 
     def pieces(self) -> list[dict]:
         """The rendered answer in reading order as pieces of one thread each: main's text between forks and each
         block's chunk, with the thread id and why that thread ended (quality checks look at truncated chunks)."""
         out: list[dict] = []
-        main = self.main
-
-        def add(tid: int, text: str) -> None:
+        for tid, text in self._parts(raw=False, complete=True)[1]:
             if out and out[-1]["thread"] == tid:
                 out[-1]["text"] += text
             else:
                 out.append({"thread": tid, "text": text, "finish": self.threads[tid].finish})
-
-        for i, ev in enumerate(main.events):
-            if isinstance(ev, Text):
-                add(0, ev.raw)
-            tid = main.forks.get(i)
-            if tid is not None:
-                add(tid, self.threads[tid].text())
         return out
 
     def tag_tokens(self) -> int:

@@ -10,11 +10,17 @@ def thread_generator(seed: int, thread: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + thread * 7_919) % (2**63 - 1))
 
 
+MIN_TEMPERATURE = 1e-5  # below this sampling is greedy (as vLLM does): 1 / 1e-300 overflows into NaN probabilities
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Pick a token from one row of logits (V,). temperature 0 is greedy."""
-    if temperature <= 0:
+    """Pick a token from one row of logits (V,). A temperature below MIN_TEMPERATURE is greedy; probabilities are
+    computed in float64, and a row that still gives no finite distribution falls back to greedy."""
+    if temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the most likely token

@@ -43,6 +43,7 @@ def test_guard_ends_main_at_the_promise(tokenizer, limits, reason):
     # the refused item's lead is not shown (it was never streamed either); the raw form keeps it
     assert interp.rendered(complete=True) == "Ways:\n\n1. **Buy**: in bulk.\n\n2. **Plan**: your meals.\n\n"
     assert "".join(p["text"] for p in interp.pieces()) == interp.rendered(complete=True)
+    assert interp.hidden_text() == "3. **Buy**:"  # not counted as rendered tokens either
     assert interp.raw().endswith('3. **Buy**:<promise topic="Buy " tokens="5"/>')
 
 

@@ -142,13 +142,15 @@ class Batcher:
             _stream(interp.rendered(complete=True), req.streamed, req.on_text)
         tag_tokens = interp.tag_tokens()
         generated = interp.num_generated()
+        hidden = interp.hidden_text()  # a refused lead: written, not shown, so not a rendered token
+        hidden_tokens = len(self.engine.tokenizer.encode(hidden, add_special_tokens=False)) if hidden else 0
         req.result = Result(
             text=interp.rendered(complete=True),
             raw=interp.raw(),
             model=self.engine.name,
             mode=req.mode,
             prompt_tokens=req.prompt_len,
-            tokens=generated - tag_tokens,
+            tokens=generated - tag_tokens - hidden_tokens,
             tag_tokens=tag_tokens,
             decode_steps=req.steps,
             threads=len(interp.threads) - 1,

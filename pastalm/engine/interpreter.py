@@ -410,7 +410,15 @@ class Interpreter:
             return "".join(self._parts(raw=True, complete=complete)[0])
         return "".join(text for _, text in self._parts(raw=False, complete=complete)[1])
 
-    def _parts(self, raw: bool, complete: bool) -> tuple[list[str], list[tuple[int, str]]]:
+    def hidden_text(self) -> str:
+        """Main's text the rendered answer leaves out: a refused lead, and what followed the refused promise in the
+        same token."""
+        if self.refused is None:
+            return ""
+        after = "".join(e.raw for e in self.main.events[self.refused + 1:] if isinstance(e, Text))
+        return self._parts(raw=False, complete=True)[2] + after
+
+    def _parts(self, raw: bool, complete: bool) -> tuple[list[str], list[tuple[int, str]], str]:
         """The answer as strings (raw) or as (thread, text) pieces in reading order (rendered). Rendered, it leaves
         out the lead of a promise a runaway guard refused, and while main is running (not `complete`) it holds back
         main's unfinished last line when it may be such a lead (`held_lead`)."""
@@ -443,26 +451,28 @@ class Interpreter:
                 if b.status < Status.DONE and not complete:
                     stopped = True
                     break
+        dropped = ""
         if not raw and (self.refused is not None or (not complete and not stopped and self._guarded()
                                                       and main.status < Status.FINISHING)):
-            self._drop_held_lead(pieces, tail)
-        return out, pieces
+            dropped = self._drop_held_lead(pieces, tail)
+        return out, pieces, dropped
 
     def _guarded(self) -> bool:
         return self.limits.repeat_guard or self.limits.max_promises is not None
 
     @staticmethod
-    def _drop_held_lead(pieces: list[tuple[int, str]], tail: int) -> None:
+    def _drop_held_lead(pieces: list[tuple[int, str]], tail: int) -> str:
         """Cut main's last line (from its last line break on, within main's last run of text) when it may be a
-        lead: at most LEAD_HOLD characters that look like a list item's start."""
+        lead: at most LEAD_HOLD characters that look like a list item's start. Returns what was cut."""
         run = "".join(text for _, text in pieces[tail:])
         line = run[run.rfind("\n") + 1:]
         if not line or len(line) > LEAD_HOLD or not _LEAD_LIKE.match(line):
-            return
+            return ""
         keep = len(run) - len(line)
         del pieces[tail:]
         if keep:
             pieces.append((0, run[:keep]))
+        return line
 
     def pieces(self) -> list[dict]:
         """The rendered answer in reading order as pieces of one thread each: main's text between forks and each

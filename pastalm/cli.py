@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute dtype")
     g.add_argument("--adapter", default="auto",
                    help="LoRA adapter: 'auto' (the shipped PASTA adapter on the bundled model, none on others), "
-                        "'pasta' (annotation v2), 'pasta-v1' (the stage-2 v1 adapter), 'pasta-stage1', 'baseline', 'none', "
+                        "'pasta' (annotation v3), 'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', "
                         "or a folder from `pasta train sft` "
                         "or `pasta train prefer`")
     g.add_argument("--system", help="system message for the chat template")
@@ -228,8 +228,8 @@ def _train_parsers(sub) -> None:
     f = tsub.add_parser("prefer", help="stage 2: preference optimization on speed and quality (BoNBoN), in rounds")
     f.add_argument("--from", dest="from_adapter", required=True,
                    help="the PASTA adapter to start from: a folder from `pasta train sft` (or from an earlier "
-                   "`pasta train prefer`), 'pasta' (the shipped v2 SFT adapter), 'pasta-stage1' (the v1 SFT adapter) or "
-                   "'pasta-v1' (the v1 stage-2 one)")
+                   "`pasta train prefer`), 'pasta' (the shipped v3 stage-2 adapter), 'pasta-v2' (the v2 SFT one), "
+                   "'pasta-stage1' (the v1 SFT adapter) or 'pasta-v1' (the v1 stage-2 one)")
     f.add_argument("--output", type=Path, required=True, help="folder for samples, pairs, adapters, statistics")
     f.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
     f.add_argument("--baseline-adapter", default="baseline",

@@ -13,10 +13,12 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 DTYPES = ("fp32", "bf16")
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
 # Adapters shipped with the package, trained for the bundled model (see docs/training.md): "pasta" is the default
-# (annotation v2, docs/spec.md section 6: SFT continuing stage 1), "pasta-v1" the stage-2 adapter (BoNBoN at
-# lambda = inf) that was the default before it, "pasta-stage1" the v1 SFT adapter both started from, "baseline"
-# the same answers without tags (the sequential reference). docs/results.md compares them.
-BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-v1": ADAPTERS / "smollm2-135m-pasta-v1",
+# (annotation v3, docs/spec.md section 6: SFT continuing stage 1 on one H100, then stage 2 at lambda = inf),
+# "pasta-v2" the annotation-v2 SFT adapter that was the default before it, "pasta-v1" the stage-2 v1 adapter
+# (BoNBoN at lambda = inf) before that, "pasta-stage1" the v1 SFT adapter all of them started from, "baseline" the
+# same answers without tags (the sequential reference). docs/results.md compares them.
+BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-v2": ADAPTERS / "smollm2-135m-pasta-v2",
+                    "pasta-v1": ADAPTERS / "smollm2-135m-pasta-v1",
                     "pasta-stage1": ADAPTERS / "smollm2-135m-pasta-stage1",
                     "baseline": ADAPTERS / "smollm2-135m-baseline"}
 
@@ -36,8 +38,8 @@ class Loaded:
 
 def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter for the bundled model and
-    nothing for any other model; 'none' is the base model; 'pasta' / 'pasta-v1' / 'pasta-stage1' / 'baseline' are the shipped
-    ones."""
+    nothing for any other model; 'none' is the base model; 'pasta', 'pasta-v2', 'pasta-v1', 'pasta-stage1' and
+    'baseline' are the shipped ones."""
     if adapter is None or adapter == "auto":
         if model is not None or not (BUNDLED_ADAPTERS["pasta"] / "adapter_config.json").is_file():
             return None
@@ -53,7 +55,7 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"--adapter: '{adapter}' is not a PEFT adapter folder (no adapter_config.json); give the "
-                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-v1', 'pasta-stage1', "
+                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-v2', 'pasta-v1', 'pasta-stage1', "
                          "'baseline' or 'none'")
     return path
 

@@ -69,7 +69,7 @@ def shipped():
     return load(None, "fp32", "pasta")
 
 
-@pytest.fixture(scope="module", params=["pasta", "pasta-v1", "pasta-stage1"])
+@pytest.fixture(scope="module", params=["pasta", "pasta-v2", "pasta-v1", "pasta-stage1"])
 def any_shipped(request):
     """Each shipped PASTA adapter: the default (v2), the v1 stage-2 one and the stage-1 one both came from."""
     return request.param, load(None, "fp32", request.param)
@@ -101,18 +101,21 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     ("What is the capital of Norway?", False),
 ])
 def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, parallel):
-    """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact. The v1
-    adapters are decoded as they were measured, without the runaway guards (v1 repeats topics: the repeat guard
-    ends its lists early, docs/results.md)."""
+    """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact. The v2
+    and v3 adapters decode with the runaway guards, the v1 ones as they were measured, without them (v1 repeats
+    topics: the repeat guard ends its lists early, docs/results.md)."""
     from pastalm.lang.render import render, validate
 
     name, shipped = any_shipped
-    guards = name == "pasta"
+    guards = name in ("pasta", "pasta-v2")
     eng = Engine(shipped.model, shipped.tokenizer, "pasta")
     res = eng.generate(chat_prompt(shipped.tokenizer, prompt),
                        GenerateConfig(max_new_tokens=400, repeat_guard=guards, block_guard=guards))
     rep = validate(res.raw)
-    assert render(res.raw) == res.text
+    if any(h in ("repeated_topic", "max_promises") for h in res.limits_hit):
+        assert render(res.raw).startswith(res.text)  # the lead of the refused item is not rendered
+    else:
+        assert render(res.raw) == res.text
     if parallel:
         assert rep.promises >= 2 and res.threads >= 2 and res.theoretical_speedup > 1.3, res.raw
     else:

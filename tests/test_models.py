@@ -21,21 +21,24 @@ def test_shipped_adapter_is_complete(name):
     assert records, f"{folder} says nothing about how it was trained"
 
 
-def test_default_pasta_adapter_is_the_v2_sft_adapter():
-    """'pasta' (what `pasta generate` uses by default) is trained on annotation v2 and its record describes the
-    weights actually shipped (the digest ship_adapter.py wrote matches the file); it continues the stage-1
-    adapter, so both have the same LoRA modules, with other values. 'pasta-v1' is the stage-2 lambda-inf adapter
-    that was the default before it."""
+def test_default_pasta_adapter_is_the_v3_stage2_adapter():
+    """'pasta' (what `pasta generate` uses by default) is the stage-2 (lambda inf) adapter trained from the v3 SFT
+    adapter, and its record describes the weights actually shipped (the digest ship_adapter.py wrote matches the
+    file); it continues the stage-1 adapter, so both have the same LoRA modules, with other values. 'pasta-v2'
+    (annotation v2) and 'pasta-v1' (the v1 stage-2 lambda-inf adapter) are the defaults before it."""
     folder = BUNDLED_ADAPTERS["pasta"]
-    rec = json.loads((folder / "pasta_train.json").read_text())
-    assert rec["config"]["data"].endswith("annotated-v2.jsonl") and rec["config"]["init_adapter"]
+    rec = json.loads((folder / "pasta_prefer.json").read_text())
+    assert rec["config"]["from_adapter"].endswith("v3-sft2") and rec["round"]["lambda"] == "inf"
     assert rec["shipped"]["sha256"] == adapter_digest(folder)
     assert resolve_adapter("auto", None) == folder
-    v2 = load_file(str(folder / "adapter_model.safetensors"))
+    v3 = load_file(str(folder / "adapter_model.safetensors"))
     stage1 = load_file(str(BUNDLED_ADAPTERS["pasta-stage1"] / "adapter_model.safetensors"))
-    assert v2.keys() == stage1.keys()
-    assert all(v2[k].shape == stage1[k].shape for k in stage1)
-    assert any(not v2[k].float().allclose(stage1[k].float()) for k in stage1)
+    assert v3.keys() == stage1.keys()
+    assert all(v3[k].shape == stage1[k].shape for k in stage1)
+    assert any(not v3[k].float().allclose(stage1[k].float()) for k in stage1)
+    v2 = json.loads((BUNDLED_ADAPTERS["pasta-v2"] / "pasta_train.json").read_text())
+    assert v2["config"]["data"].endswith("annotated-v2.jsonl")
+    assert v2["shipped"]["sha256"] == adapter_digest(BUNDLED_ADAPTERS["pasta-v2"])
     v1 = json.loads((BUNDLED_ADAPTERS["pasta-v1"] / "pasta_prefer.json").read_text())
     assert v1["round"]["lambda"] == "inf" and v1["shipped"]["sha256"] == adapter_digest(BUNDLED_ADAPTERS["pasta-v1"])
 

@@ -90,7 +90,12 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     assert got["model"].endswith("+smollm2-135m-pasta")
     tok, model = shipped.tokenizer, shipped.model
     ids = chat_prompt(tok, fact)
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    # HF generate stops at the same tokens as the engine: EOS and the ChatML turn markers (the v3 adapter
+    # sometimes ends an answer with `<|im_start|>`, docs/spec.md section 4)
+    from pastalm.models import stop_ids
+
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(stop_ids(model, tok)))[0, len(ids):]
     assert got["raw"] == tok.decode(ref, skip_special_tokens=True) and got["threads"] == 0
 
 

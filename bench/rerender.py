@@ -74,7 +74,7 @@ def main() -> None:
 
 def report(dst: Path, split: str, per_category: int | None, records: list[dict]) -> None:
     from pastalm.engine import GenerateConfig
-    from pastalm.eval.harness import EvalConfig, alpaca_eval_files, judge_all, pareto_png, report_md, summarize
+    from pastalm.eval.harness import EvalConfig, judge_and_report
     from pastalm.eval.judges import ProxyJudge
     from pastalm.eval.speed import stratified
     from pastalm.train.prompts import load_prompts
@@ -83,15 +83,8 @@ def report(dst: Path, split: str, per_category: int | None, records: list[dict])
     cfg = EvalConfig(modes=list(run["models"]), generate=GenerateConfig(**run["generate"]), system=run["system"],
                      efficiency=False, sot_skeleton_tokens=run["sot"][0], sot_point_tokens=run["sot"][1],
                      mode_options={m: o for m, o in run.get("mode_options", {}).items() if o})
-    prompts = stratified(load_prompts(split), per_category)
-    judge = ProxyJudge()
-    judgments = judge_all(records, judge, dst)
-    summary = summarize(records, judgments, cfg, judge, prompts)
-    summary["rerendered"] = "refused leads removed from the answers of the run (bench/rerender.py)"
-    (dst / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (dst / "report.md").write_text(report_md(summary))
-    pareto_png(summary, dst / "pareto.png")
-    alpaca_eval_files(records, dst, prompts)
+    judge_and_report(records, stratified(load_prompts(split), per_category), cfg, dst, ProxyJudge(),
+                     note="refused leads removed from the answers of the run (bench/rerender.py)")
 
 
 if __name__ == "__main__":

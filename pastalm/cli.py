@@ -111,7 +111,7 @@ def _decoding_args(g) -> None:
     g.add_argument("--max-promises", type=_positive_int,
                    help="runaway guard: main ends at a promise past this many in one answer (default: no limit)")
     g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="runaway guard: main ends at a promise whose topic repeats an earlier one's (on)")
+                   help="runaway guard: main ends at a promise whose topic (or lead) repeats an earlier one's (on)")
     g.add_argument("--block-guard", action=argparse.BooleanOptionalAction, default=True,
                    help="a block that writes a promise (which only main may) ends there (on)")
     g.add_argument("--max-context", type=_positive_int, help="cache slots per request (default: the model's)")

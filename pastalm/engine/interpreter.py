@@ -399,16 +399,18 @@ class Interpreter:
 
     def raw(self) -> str:
         """The serialized inline form: each forked block written right after its promise."""
-        return self._compose(raw=True, complete=False)
+        out = []
+        for i, ev in enumerate(self.main.events):
+            out.append(ev.raw)
+            tid = self.main.forks.get(i)
+            if tid is not None:
+                b = self.threads[tid]
+                out.append(ASYNC_OPEN + "".join(e.raw for e in b.events) + ("" if b.closed else ASYNC_CLOSE))
+        return "".join(out)
 
     def rendered(self, complete: bool = False) -> str:
         """The answer in reading order; with complete=False only what can be shown now (for streaming)."""
-        return self._compose(raw=False, complete=complete)
-
-    def _compose(self, raw: bool, complete: bool) -> str:
-        if raw:
-            return "".join(self._parts(raw=True, complete=complete)[0])
-        return "".join(text for _, text in self._parts(raw=False, complete=complete)[1])
+        return "".join(text for _, text in self._pieces(complete)[0])
 
     def hidden_text(self) -> str:
         """Main's text the rendered answer leaves out: a refused lead, and what followed the refused promise in the
@@ -416,46 +418,36 @@ class Interpreter:
         if self.refused is None:
             return ""
         after = "".join(e.raw for e in self.main.events[self.refused + 1:] if isinstance(e, Text))
-        return self._parts(raw=False, complete=True)[2] + after
+        return self._pieces(complete=True)[1] + after
 
-    def _parts(self, raw: bool, complete: bool) -> tuple[list[str], list[tuple[int, str]], str]:
-        """The answer as strings (raw) or as (thread, text) pieces in reading order (rendered). Rendered, it leaves
-        out the lead of a promise a runaway guard refused, and while main is running (not `complete`) it holds back
-        main's unfinished last line when it may be such a lead (`held_lead`)."""
-        out: list[str] = []
+    def _pieces(self, complete: bool) -> tuple[list[tuple[int, str]], str]:
+        """The rendered answer as (thread, text) pieces in reading order, and the lead left out of it: the lead of
+        a promise a runaway guard refused, or, while main is running (not `complete`), main's unfinished last line
+        when it may be such a lead (docs/spec.md section 5)."""
         pieces: list[tuple[int, str]] = []
         main = self.main
         waiting = {e for e, _, _ in main.pending_forks}  # promises whose block forks at the next step
-        events = main.events
-        if not raw and self.refused is not None:
-            events = events[: self.refused]
+        events = main.events if self.refused is None else main.events[: self.refused]
         tail = 0  # where main's current run of text begins in `pieces`
         stopped = False
         for i, ev in enumerate(events):
-            if raw:
-                out.append(ev.raw)
-            elif isinstance(ev, Text):
+            if isinstance(ev, Text):
                 pieces.append((0, ev.raw))
             tid = main.forks.get(i)
             if tid is None:
-                if i in waiting and not raw and not complete:
+                if i in waiting and not complete:
                     stopped = True
                     break  # its block comes next in reading order; text after the promise must wait for it
                 continue
             b = self.threads[tid]
-            if raw:
-                out.append(ASYNC_OPEN + "".join(e.raw for e in b.events) + ("" if b.closed else ASYNC_CLOSE))
-            else:
-                pieces.append((tid, b.text()))
-                tail = len(pieces)
-                if b.status < Status.DONE and not complete:
-                    stopped = True
-                    break
-        dropped = ""
-        if not raw and (self.refused is not None or (not complete and not stopped and self._guarded()
-                                                      and main.status < Status.FINISHING)):
-            dropped = self._drop_held_lead(pieces, tail)
-        return out, pieces, dropped
+            pieces.append((tid, b.text()))
+            tail = len(pieces)
+            if b.status < Status.DONE and not complete:
+                stopped = True
+                break
+        held = self.refused is not None or (not complete and not stopped and self._guarded()
+                                            and main.status < Status.FINISHING)
+        return pieces, self._drop_held_lead(pieces, tail) if held else ""
 
     def _guarded(self) -> bool:
         return self.limits.repeat_guard or self.limits.max_promises is not None
@@ -478,7 +470,7 @@ class Interpreter:
         """The rendered answer in reading order as pieces of one thread each: main's text between forks and each
         block's chunk, with the thread id and why that thread ended (quality checks look at truncated chunks)."""
         out: list[dict] = []
-        for tid, text in self._parts(raw=False, complete=True)[1]:
+        for tid, text in self._pieces(complete=True)[0]:
             if out and out[-1]["thread"] == tid:
                 out[-1]["text"] += text
             else:

@@ -19,7 +19,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+    if not bool(torch.isfinite(probs).all()):  # NaN or inf logits
         return int(torch.argmax(logits))
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)

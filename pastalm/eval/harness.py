@@ -532,8 +532,17 @@ def run_eval(prompts: list[dict], engines: dict[str, Engine], cfg: EvalConfig, o
     out_dir = Path(out_dir)
     check_settings(out_dir, engines, cfg)
     records = generate_all(prompts, engines, cfg, out_dir, progress)
+    return judge_and_report(records, prompts, cfg, out_dir, judge, progress)
+
+
+def judge_and_report(records: list[dict], prompts: list[dict], cfg: EvalConfig, out_dir: Path,
+                     judge: Judge | None = None, progress: bool = True, note: str | None = None) -> dict:
+    """Judge the answers (resuming `judgments.jsonl`), summarize them and write summary.json, report.md,
+    pareto.png and the AlpacaEval files; `note` is saved in the summary."""
     judgments = judge_all(records, judge, out_dir, progress) if judge is not None else []
     summary = summarize(records, judgments, cfg, judge, prompts)
+    if note:
+        summary["note"] = note
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / "report.md").write_text(report_md(summary))
     pareto_png(summary, out_dir / "pareto.png")

@@ -235,19 +235,21 @@ def pair_layouts(tokenizer, pairs: list[dict], cfg: PreferConfig) -> tuple[list[
     return out, skipped
 
 
-@torch.no_grad()
-def _to(batch: dict, model) -> dict:
+def _pair_batch(collate, chunk: list[dict], model) -> dict:
+    """Winners then losers of `chunk` as one batch, on the model's device."""
+    batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
     dev = next(model.parameters()).device
     return {k: v.to(dev) for k, v in batch.items()}
 
 
+@torch.no_grad()
 def reference_logps(model, items: list[dict], collate, batch_size: int, norm: str = "mean") -> None:
     """Store the model's sequence log-probabilities of each pair's answers (`ref_w`, `ref_l`) before training."""
     was_training = model.training
     model.eval()
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        batch = _to(collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk]), model)
+        batch = _pair_batch(collate, chunk, model)
         labels = batch.pop("labels")
         logp, _ = ipo_logps(model(**batch).logits, labels, norm)
         for j, it in enumerate(chunk):
@@ -274,7 +276,7 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
         order = torch.randperm(len(items), generator=g).tolist()
         for i in range(0, len(order), cfg.batch_size):
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
-            batch = _to(collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk]), model)
+            batch = _pair_batch(collate, chunk, model)
             labels = batch.pop("labels")
             logp, nll = ipo_logps(model(**batch).logits, labels, cfg.ipo_norm)
             n = len(chunk)

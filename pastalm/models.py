@@ -124,42 +124,113 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "none") -> Loaded:
-    """Load model + tokenizer in eval mode with the given dtype; a LoRA adapter (see `resolve_adapter`) is
-    merged into the weights before the cast, so decoding costs the same as the base model's."""
+def cache_root() -> Path:
+    """Where converted model folders are kept: $PASTA_CACHE, else $XDG_CACHE_HOME/pastalm, else ~/.cache/pastalm."""
+    if os.environ.get("PASTA_CACHE"):
+        return Path(os.environ["PASTA_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pastalm"
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def prepare(model: str | None = None, adapter: str | None = "none",
+            convert: bool = True) -> tuple[str, str, Path | None]:
+    """The HF model folder to load for `--model`/`--adapter`: (folder or hub id, display name, adapter folder).
+
+    A GGUF file (the bundled model included) or any model with a LoRA adapter is converted once into a cached
+    folder (float32 safetensors with the adapter merged, config, generation config and tokenizer), which both
+    backends load directly: the GGUF is not dequantized again and peft is not imported. The cache key is the
+    source file's path, size and mtime plus the adapter weights' digest, so a changed file converts again. With
+    `convert=False`, a source not converted yet is returned as it is."""
+    where, gguf, name = resolve(model)
+    where_adapter = resolve_adapter(adapter, model)
+    if where_adapter is not None:
+        name = f"{name}+{where_adapter.name}"
+    if gguf is None and where_adapter is None:
+        return where, name, None
+    import hashlib
+
+    src = Path(where) / gguf if gguf else Path(where) / "config.json" if Path(where).is_dir() else None
+    key = [_fingerprint(src) if src is not None else where]
+    if where_adapter is not None:
+        key.append(adapter_digest(where_adapter))
+    folder = cache_root() / "models" / f"{name}-{hashlib.sha256('|'.join(key).encode()).hexdigest()[:16]}"
+    if not (folder / "pasta-source.json").is_file():
+        if not convert:
+            return where, name, where_adapter
+        _convert(where, gguf, where_adapter, folder, name, key)
+    return str(folder), name, where_adapter
+
+
+def _convert(where: str, gguf: str | None, adapter: Path | None, folder: Path, name: str, key: list[str]) -> None:
+    """Load the source in float32 (dequantizing a GGUF), merge the adapter, save it as a HF folder (atomically)."""
+    import json
+    import shutil
+    import sys
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    td = torch_dtype(dtype)
-    where, gguf, name = resolve(model)
+    print(f"pasta: converting {name} once into {folder} (later runs load it directly)", file=sys.stderr)
     kw = {"gguf_file": gguf} if gguf else {}
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
-        # A GGUF file is dequantized to float32 first; the cast to the asked dtype comes after.
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if gguf else td, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
     except OSError as e:
-        raise ModelError(f"--model: could not load '{model or name}': {e}") from e
+        raise ModelError(f"--model: could not load '{where}': {e}") from e
     finally:
         hf_logging.enable_progress_bar()
     if gguf:
         # The GGUF weights are dequantized into plain tensors: nothing is quantized any more, so drop the
-        # markers that would make the Trainer and save_pretrained treat the model as quantized.
+        # markers that would make save_pretrained (and the Trainer) treat the model as quantized.
         lm.hf_quantizer = None
         lm.is_quantized = False
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
-    where_adapter = resolve_adapter(adapter, model)
-    if where_adapter is not None:
+    if adapter is not None:
         from peft import PeftModel
 
         try:
-            lm = PeftModel.from_pretrained(lm, str(where_adapter)).merge_and_unload()
+            lm = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"--adapter: could not apply '{where_adapter}' to {name}: {e}") from e
-        name = f"{name}+{where_adapter.name}"
-    lm.to(td)
+            raise ModelError(f"--adapter: could not apply '{adapter}' to {name}: {e}") from e
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "pasta-source.json").write_text(json.dumps({"name": name, "source": key}, indent=1) + "\n")
+        if folder.exists():  # a concurrent conversion finished first, or an interrupted one left a folder
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "none") -> Loaded:
+    """Load model + tokenizer in eval mode with the given dtype. The weights come from `prepare`'s folder: a LoRA
+    adapter is merged in float32 before the cast, so decoding costs the same as the base model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    td = torch_dtype(dtype)
+    folder, name, where_adapter = prepare(model, adapter)
+    hf_logging.disable_progress_bar()  # a loading bar for a 135M model is noise on stderr
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=td)
+    except OSError as e:
+        raise ModelError(f"--model: could not load '{model or name}': {e}") from e
+    finally:
+        hf_logging.enable_progress_bar()
     device = os.environ.get("PASTA_DEVICE")
     if device:  # e.g. "cuda": decode (and sample for stage 2) on a GPU; the default is the CPU
         lm.to(device)
@@ -168,12 +239,15 @@ def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "n
 
 
 def load_tokenizer(model: str | None = None):
-    """Just the tokenizer of a model (fast: no weights are read)."""
+    """Just the tokenizer of a model (fast: no weights are read; a GGUF's converted folder when there is one)."""
     from transformers import AutoTokenizer
 
     where, gguf, _ = resolve(model)
+    folder = prepare(model, "none", convert=False)[0]
+    kw = {"gguf_file": gguf} if gguf and folder == where else {}
+    where = folder
     try:
-        return AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+        return AutoTokenizer.from_pretrained(where, **kw)
     except OSError as e:
         raise ModelError(f"--model: could not load the tokenizer of '{model}': {e}") from e
 

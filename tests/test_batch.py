@@ -70,17 +70,17 @@ def test_cancel_frees_the_cache_and_the_others_go_on(model, tokenizer):
     reqs = [add(b, tokenizer, j) for j in js]
     for _ in range(6):
         b.step()
-    slots_before = b.cache.num_slots
+    slots_before = b.runner.cache.num_slots
     cancelled_slots = sum(t.num_fed for t in reqs[1].interp.threads)
     b.cancel(reqs[1])
     assert reqs[1].result.limits_hit == ["cancelled"] and reqs[1].result.text  # its text so far is kept
-    assert b.cache.num_slots == slots_before - cancelled_slots  # freed at once
-    assert b.cache.num_slots == sum(t.num_fed for r in b.active for t in r.interp.threads)
-    assert b.cache.cache.layers[0].keys.shape[-2] == b.cache.num_slots
+    assert b.runner.cache.num_slots == slots_before - cancelled_slots  # freed at once
+    assert b.runner.cache.num_slots == sum(t.num_fed for r in b.active for t in r.interp.threads)
+    assert b.runner.cache.cache.layers[0].keys.shape[-2] == b.runner.cache.num_slots
     live_cols = {c for r in b.active for c in r.columns.values()}
-    assert set(b.cache.slot_column.tolist()) <= live_cols and b.cache.num_columns == len(live_cols)
+    assert set(b.runner.cache.slot_column.tolist()) <= live_cols and b.runner.cache.num_columns == len(live_cols)
     while b.active:
         b.step()
     same(reqs[0].result, alone[0])
     same(reqs[2].result, alone[2])
-    assert not b.active and b.cache.num_slots == 0  # nothing left behind once every request is done
+    assert not b.active and b.runner.cache.num_slots == 0  # nothing left behind once every request is done

@@ -1,10 +1,9 @@
-"""Continuous batching: one forward pass per step serves every live thread of every running request.
+"""Continuous batching: the step loop. Each step serves every live thread of every running request through one
+runner call (one forward pass on the transformers runner, one engine step on vLLM).
 
-All requests share one interleaved KV cache. A request's threads get columns of their own in the views (global
-thread ids), so the visibility rule that keeps a request's threads apart (docs/spec.md section 3) also keeps
-requests apart: a query sees a cache slot only if the slot's thread is one of its own request's threads and the
-slot is inside its view. Positions stay per request. Requests join and leave between steps; the slots of a
-finished or cancelled request are dropped from the cache once they make up most of it.
+A step asks each request's interpreter what to feed, hands every feed to the runner together, and writes the token
+the runner chose for each thread that wanted one (or the thread's script token, in a forced replay). Requests join
+and leave between steps; the runner frees a finished or cancelled request's state (`Runner.release`).
 
 `Engine.generate` is this with one request, so the exactness tests of the engine cover this code too.
 """
@@ -12,46 +11,17 @@ finished or cancelled request are dropped from the cache once they make up most 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
-import torch
-
-from ..lang.layout import ReservePolicy
-from .interpreter import STOP, Feed, Interpreter, Status
-from .runner import SharedCache
-from .sampler import sample, thread_generator
-
-
-@dataclass
-class Request:
-    """One request in flight: its interpreter, settings, generators and measures."""
-
-    id: int
-    interp: Interpreter
-    config: object  # GenerateConfig
-    prompt_len: int
-    mode: str
-    scaffold: bool = False
-    on_text: object = None
-    t0: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    streamed: int = 0
-    generators: dict = field(default_factory=dict)
-    logits: dict | None = None
-    columns: dict[int, int] = field(default_factory=dict)  # local thread id -> global column
-    result: object = None  # Result once finished
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None
+from .interpreter import STOP, Interpreter, Status
+from .types import Request, Result, Runner
 
 
 class Batcher:
-    """Requests in flight on one model; `step()` advances all of them by one forward pass."""
+    """Requests in flight on one engine; `step()` advances all of them by one runner step."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, runner: Runner | None = None):
         self.engine = engine
-        self.cache = SharedCache(engine.model)
+        self.runner = runner if runner is not None else engine.runner()
         self.active: list[Request] = []
         self._next_id = 0
         self.steps = 0
@@ -61,9 +31,9 @@ class Batcher:
         """Queue a request; it joins at the next step. `stop_ids` overrides the engine's (empty: ignore EOS and
         stop only at a limit, as benchmarks do)."""
         eng = self.engine
-        policy = ReservePolicy.for_tokenizer(eng.tokenizer, config.reserve_scale)
+        eng.check(config)
         stops = eng.stop_ids if stop_ids is None else set(stop_ids)
-        interp = Interpreter(eng.tokenizer, list(prompt_ids), stops, policy,
+        interp = Interpreter(eng.tokenizer, list(prompt_ids), stops, config.policy(eng.tokenizer),
                              config.limits(eng.max_positions), config.sequential, scripts,
                              open_block_scripts=scaffold)
         mode = (("forced-" if forced else "scaffold-" if scaffold else "scripted-" if scripts else "")
@@ -75,7 +45,7 @@ class Batcher:
         return req
 
     def cancel(self, req: Request) -> None:
-        """End a request now (its text so far is kept, `limits_hit` says `cancelled`); its slots are freed."""
+        """End a request now (its text so far is kept, `limits_hit` says `cancelled`); its state is freed."""
         if not req.done:
             req.interp.stop("cancelled")
             self._finish(req)
@@ -85,48 +55,48 @@ class Batcher:
     def live_threads(self) -> int:
         return sum(sum(t.status < Status.DONE for t in r.interp.threads) for r in self.active)
 
+    def stats(self) -> dict:
+        return self.runner.stats()
+
     def step(self) -> list[Request]:
-        """One forward pass for every live request; returns the requests that finished in this step."""
+        """One runner step for every live request; returns the requests that finished in this step."""
         finished: list[Request] = []
-        feeds: list[tuple[Request, Feed]] = []
-        per: dict[int, list[Feed]] = {}
+        work = []
         for req in list(self.active):
-            if req.interp.finished:
+            interp = req.interp
+            if interp.finished:
                 finished.append(self._finish(req))
                 continue
-            fs = req.interp.schedule()
-            if not fs:
-                req.interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
+            fs = interp.schedule()
+            if not fs and not req.waiting:
+                interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
                 finished.append(self._finish(req))
                 continue
-            per[req.id] = fs
-            feeds += [(req, f) for f in fs]
-        if feeds:
-            logits = self.cache.forward(feeds)
+            req.waiting.update(interp.fed(fs))
+            work.append((req, fs))
+        if work:
+            chosen = self.runner.step(work)
             self.steps += 1
-            k = 0
-            for req in [r for r in self.active if r.id in per]:
-                fs = per[req.id]
-                rows = {f.thread: (k + i, f.span.start + len(f.ids) - 1) for i, f in enumerate(fs)}
-                k += len(fs)
-                self._advance(req, fs, rows, logits)
+            for req, _ in work:
+                self._advance(req, chosen)
                 if req.interp.finished:
                     finished.append(self._finish(req))
         self._collect()
         return finished
 
-    def _advance(self, req: Request, fs: list[Feed], rows: dict, logits: torch.Tensor) -> None:
+    def _advance(self, req: Request, chosen: dict[tuple[int, int], int]) -> None:
         interp = req.interp
         req.steps += 1
-        if req.logits is not None:
-            for tid, (i, idx) in rows.items():
-                req.logits[(tid, idx)] = logits[i].float().clone()
-        for tid in interp.fed(fs):
+        for tid in sorted(req.waiting):
+            if interp.threads[tid].status != Status.RUNNING:  # a limit ended it in this step
+                req.waiting.discard(tid)
+                continue
             token = interp.scripted(tid)
             if token is None:
-                if tid not in req.generators:
-                    req.generators[tid] = thread_generator(req.config.seed, tid)
-                token = sample(logits[rows[tid][0]], req.config.temperature, req.config.top_p, req.generators[tid])
+                token = chosen.get((req.id, tid))
+                if token is None:  # the runner has not decoded it yet
+                    continue
+            req.waiting.discard(tid)
             interp.write(tid, token)
             if req.scaffold and tid == 0:  # the rest of main's script goes in at once
                 while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
@@ -135,8 +105,6 @@ class Batcher:
             req.streamed = _stream(interp.rendered(), req.streamed, req.on_text)
 
     def _finish(self, req: Request) -> Request:
-        from .engine import Result
-
         interp = req.interp
         if req.on_text is not None:
             _stream(interp.rendered(complete=True), req.streamed, req.on_text)
@@ -144,6 +112,7 @@ class Batcher:
         generated = interp.num_generated()
         hidden = interp.hidden_text()  # a refused lead: written, not shown, so not a rendered token
         hidden_tokens = len(self.engine.tokenizer.encode(hidden, add_special_tokens=False)) if hidden else 0
+        req.waiting.clear()
         req.result = Result(
             text=interp.rendered(complete=True),
             raw=interp.raw(),
@@ -165,18 +134,11 @@ class Batcher:
         return req
 
     def _collect(self, free: bool = False) -> None:
-        """Forget finished requests; drop their cache slots once they are most of the cache (or now: `free`)."""
-        before = len(self.active)
-        self.active = [r for r in self.active if not r.done]
-        if len(self.active) == before and not free:
-            return
-        if not self.active:
-            if self.cache.num_slots:
-                self.cache = SharedCache(self.engine.model)
-            return
-        live = sum(t.num_fed for r in self.active for t in r.interp.threads)
-        if free or self.cache.num_slots - live > max(256, live):
-            self.cache.compact(self.active)
+        """Forget finished requests and let the runner free their state (now, with `free`)."""
+        gone = [r for r in self.active if r.done]
+        if gone or free:
+            self.active = [r for r in self.active if not r.done]
+            self.runner.release(gone, self.active, free)
 
 
 def _stream(text: str, done: int, on_text) -> int:

@@ -92,6 +92,8 @@ class Thread:
     script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
     pending_forks: list[tuple[int, int, int]] = field(default_factory=list)  # (event index, tokens, ordinal)
     inline_pending: bool = False  # main: a promise past the thread limit waits for its forced <async>
+    forked_at: tuple[int, int] = (0, 0)  # async: (main's written tokens, main's column slots) when it forked
+    relay: list[int] = field(default_factory=list)  # main, linear layout: re-laid history fed before its tokens
 
     @property
     def is_main(self) -> bool:
@@ -112,11 +114,13 @@ class Thread:
 
 @dataclass
 class Feed:
-    """Tokens of one thread to feed in this step, with their layout span."""
+    """Tokens of one thread to feed in this step, with their layout span (`span.thread` is the column; after a
+    linear-layout sync, main's first feed also carries the re-laid history before its own tokens)."""
 
     thread: int
     ids: list[int]
     span: Span
+    last: int = -1  # index in the thread's `tokens` of the last token fed
 
 
 class Interpreter:
@@ -131,6 +135,9 @@ class Interpreter:
         self.stop_ids = set(stop_ids)
         self.limits = limits
         self.open_ids = list(tokenizer.encode(ASYNC_OPEN, add_special_tokens=False))
+        self.close_ids = list(tokenizer.encode(ASYNC_CLOSE, add_special_tokens=False))
+        self.linear = policy.linear
+        self.epoch_forks: list[int] = []  # linear layout: blocks forked since main's last re-laid sync
         self.tag_overhead = policy.overhead  # tokens of <async> + </async>
         self.layout = Layout(policy)
         self.sequential = sequential
@@ -174,25 +181,41 @@ class Interpreter:
         main = self.main
         join = main.status == Status.WAITING and all(
             t.status == Status.DONE or (t.status == Status.FINISHING and t in blocks) for t in self.threads[1:])
+        relay = self._relay_plan() if join and self.linear and self.epoch_forks else None
         want = sum(t.pending() for t in blocks)
+        main_end = None
         if main.status == Status.RUNNING or join:
             want += main.pending()
+            main_end = self.layout.next_position(0) + main.pending() - 1
+            if relay is not None:
+                want += len(relay[1])
+                main_end = relay[2] + len(relay[1]) + main.pending() - 1
         want += len(self.open_ids) * len(main.pending_forks)
-        if not self._fits(want, blocks, main if main.status == Status.RUNNING or join else None):
+        if not self._fits(want, blocks, main_end):
             return []
         for t in blocks:
             feeds.append(self._feed(t))
         if join:
-            joined = self.layout.join()
-            self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in joined])
-            feeds.append(self._feed(main))
-            self.layout.after_join(joined)
+            if relay is not None:  # linear layout: main goes on from its history re-laid in reading order
+                self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in self.epoch_forks])
+                self.layout.relay(relay[0])
+                main.relay = relay[1]
+                self.epoch_forks = []
+                feeds.append(self._feed(main))
+            else:
+                joined = self.layout.join()
+                self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in joined])
+                feeds.append(self._feed(main))
+                self.layout.after_join(joined)
             main.status = Status.RUNNING
         elif main.status == Status.RUNNING and main.pending():
             feeds.append(self._feed(main))
         for event_index, promised, ordinal in main.pending_forks:
+            main_slots = self.layout.threads[self.layout.column[0]].count
             tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
+            t.forked_at = (len(main.tokens), main_slots)
+            self.epoch_forks.append(tid)
             t.budget = min(self.limits.async_cap, int(self.limits.async_factor * promised)) + self.tag_overhead
             t.start_clock = self.clock
             t.tokens = list(self.open_ids)
@@ -204,25 +227,44 @@ class Interpreter:
         main.pending_forks.clear()
         return feeds
 
-    def _fits(self, want: int, blocks: list[Thread], main: Thread | None) -> bool:
-        """Check the context and position limits before writing `want` more slots; end the request if not."""
+    def _fits(self, want: int, blocks: list[Thread], main_end: int | None) -> bool:
+        """Check the context and position limits before writing `want` more slots (`main_end`: the position of
+        main's last slot to feed, if main feeds); end the request if not."""
         lim = self.limits
         over = lim.max_context is not None and self.num_slots + want > lim.max_context
         if lim.max_positions is not None:
             ends = [self.layout.next_position(t.id) + t.pending() - 1 for t in blocks]
-            if main is not None:
-                ends.append(self.layout.next_position(0) + main.pending() - 1)
+            if main_end is not None:
+                ends.append(main_end)
             over = over or any(e >= lim.max_positions for e in ends)
         if over and want:
             self.stop("context")
             return False
         return True
 
+    def _relay_plan(self) -> tuple[int, list[int], int]:
+        """Linear layout, at a sync whose blocks are done: (slots of main's column kept: through the first promise
+        that forked since the last re-laid sync; the history after them re-laid in reading order: each block's
+        tokens right after main's token that forked it, with `</async>` added when it did not write one, and
+        main's already fed tokens in between; the position of the first re-laid token)."""
+        main = self.main
+        first = self.threads[self.epoch_forks[0]]
+        col = self.layout.threads[self.layout.column[0]]
+        tail: list[int] = []
+        for k, tid in enumerate(self.epoch_forks):
+            b = self.threads[tid]
+            tail += b.tokens + ([] if b.closed else self.close_ids)
+            end = self.threads[self.epoch_forks[k + 1]].forked_at[0] if k + 1 < len(self.epoch_forks) else main.num_fed
+            tail += main.tokens[b.forked_at[0]:end]
+        shared = first.forked_at[1]
+        return shared, tail, col.next_pos - col.count + shared
+
     def _feed(self, t: Thread) -> Feed:
-        ids = t.tokens[t.num_fed :]
+        ids = t.relay + t.tokens[t.num_fed :]
+        t.relay = []
         span = self.layout.append(t.id, len(ids))
         self.num_slots += len(ids)
-        return Feed(t.id, ids, span)
+        return Feed(t.id, ids, span, len(t.tokens) - 1)
 
     def _block_script(self, ordinal: int) -> list[int] | None:
         """Forced replay: the script of the block that keeps promise number `ordinal` (0-based)."""
@@ -237,7 +279,7 @@ class Interpreter:
         want = []
         for f in feeds:
             t = self.threads[f.thread]
-            t.num_fed += len(f.ids)
+            t.num_fed = f.last + 1
             if t.status == Status.FINISHING and not t.pending():
                 self._done(t)
             elif t.status == Status.RUNNING and not t.pending():

@@ -1,10 +1,12 @@
-"""One batched forward pass over an interleaved KV cache shared by every thread of every request (any HF
-causal LM).
+"""The transformers runner: one batched forward pass over an interleaved KV cache shared by every thread of every
+request (any HF causal LM), then sampling with each thread's own generator.
 
 Every token of every thread is appended to one cache exactly once, in the order the engine feeds them.
 A step feeds the pending tokens of each live thread together: explicit position ids and a 4D mask built from
-the layout's views decide who sees what, so nothing is copied at a fork or recomputed at a sync. Each request's
-threads have columns of their own in the views, so no query ever sees another request's slots.
+the layout's views decide who sees what, so nothing is copied at a fork or recomputed at a sync (in the reserve
+layout; the linear layout's sync feeds the re-laid history into a new column). Each request's columns are
+columns of their own in the views, so no query ever sees another request's slots. Requests join and leave between
+steps; the slots of a finished or cancelled request are dropped from the cache once they make up most of it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import DynamicCache
 
 from .interpreter import Feed
 from .mask import additive_mask, span_views, visibility
+from .sampler import sample, thread_generator
 
 
 def cache_kwarg(model) -> str:
@@ -30,32 +33,31 @@ class SharedCache:
         self.model = model
         self.dtype = model.dtype
         self.cache = DynamicCache(config=model.config)
-        self.slot_column = torch.empty(0, dtype=torch.long)  # (T,) global column of each slot's thread
-        self.slot_index = torch.empty(0, dtype=torch.long)  # (T,) index of the slot's token in its thread
+        self.slot_column = torch.empty(0, dtype=torch.long)  # (T,) global column of each slot
+        self.slot_index = torch.empty(0, dtype=torch.long)  # (T,) index of the slot in its column
         self.num_columns = 0
         self._cache_kw = cache_kwarg(model)
 
-    def column(self, req, thread: int) -> int:
-        if thread not in req.columns:
-            req.columns[thread] = self.num_columns
+    def column(self, req, col: int) -> int:
+        if col not in req.columns:
+            req.columns[col] = self.num_columns
             self.num_columns += 1
-        return req.columns[thread]
+        return req.columns[col]
 
     @torch.inference_mode()
     def forward(self, feeds: list[tuple[object, Feed]]) -> torch.Tensor:
         """Append every feed's tokens; return logits (len(feeds), V) at each feed's last token."""
         for req, f in feeds:  # every column first, so that all view rows have the same width
-            for t in range(len(f.span.view)):
-                self.column(req, t)
-            self.column(req, f.thread)
+            for c in range(len(f.span.view)):
+                self.column(req, c)
         ids, positions, cols, index, last = [], [], [], [], []
         for req, f in feeds:
             ids += f.ids
             positions += f.span.positions
-            cols += [req.columns[f.thread]] * len(f.ids)
+            cols += [req.columns[f.span.thread]] * len(f.ids)
             index += range(f.span.start, f.span.start + len(f.ids))
             last.append(len(ids) - 1)
-        # each request's threads sit in its own columns of the shared view matrix (Q, columns)
+        # each request's columns sit in columns of their own in the shared view matrix (Q, columns)
         views = span_views([f.span for _, f in feeds], self.num_columns, [req.columns for req, _ in feeds])
         self.slot_column = torch.cat([self.slot_column, torch.tensor(cols, dtype=torch.long)])
         self.slot_index = torch.cat([self.slot_index, torch.tensor(index, dtype=torch.long)])
@@ -95,3 +97,41 @@ class SharedCache:
             r.columns = {t: int(remap[c]) for t, c in r.columns.items()}
         self.num_columns = len(keep_cols)
         return dropped
+
+
+class HFRunner:
+    """The `Runner` of the transformers backend: every request's feeds in one forward over the shared cache, then
+    each wanting thread's token from its logits (greedy, or sampled with the thread's seeded generator)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = SharedCache(model)
+
+    def step(self, work: list) -> dict[tuple[int, int], int]:
+        feeds = [(req, f) for req, fs in work for f in fs]
+        chosen: dict[tuple[int, int], int] = {}
+        if not feeds:
+            return chosen
+        logits = self.cache.forward(feeds)
+        for k, (req, f) in enumerate(feeds):
+            if req.logits is not None:
+                req.logits[(f.thread, f.last)] = logits[k].float().clone()
+            if f.thread in req.waiting and req.interp.scripted(f.thread) is None:
+                if f.thread not in req.generators:
+                    req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
+                chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
+                                                    req.generators[f.thread])
+        return chosen
+
+    def release(self, gone: list, live: list, now: bool = False) -> None:
+        """Drop the slots of finished requests once they are most of the cache (or `now`)."""
+        if not live:
+            if self.cache.num_slots:
+                self.cache = SharedCache(self.model)
+            return
+        used = sum(r.interp.num_slots for r in live)
+        if now or self.cache.num_slots - used > max(256, used):
+            self.cache.compact(live)
+
+    def stats(self) -> dict:
+        return {"cache_slots": self.cache.num_slots}

@@ -22,26 +22,38 @@ from .tags import ASYNC_CLOSE, ASYNC_OPEN
 IGNORE = -100  # label for tokens that are not trained to be predicted
 
 
+LAYOUTS = ("reserve", "linear")
+
+
 @dataclass(frozen=True)
 class ReservePolicy:
     """Positions left for an async block after its promise: R = ceil(scale * N) + overhead; scale 0 means R = 0.
 
-    overhead is the token length of `<async>` plus `</async>` in the model's tokenizer."""
+    overhead is the token length of `<async>` plus `</async>` in the model's tokenizer. `linear` is the layout
+    stock vLLM can run (docs/spec.md section 3): nothing is reserved (scale 0), and a sync re-lays main's history
+    in reading order at consecutive positions instead of letting main see the blocks where they were written."""
 
     scale: float = 1.0
     overhead: int = 0
+    linear: bool = False
 
     def __post_init__(self):
         if self.scale < 0 or not math.isfinite(self.scale):
             raise ValueError(f"reserve scale must be a finite number >= 0, got {self.scale}")
         if self.overhead < 0:
             raise ValueError(f"reserve overhead must be >= 0, got {self.overhead}")
+        if self.linear and self.scale != 0:
+            raise ValueError(f"the linear layout reserves no positions: reserve scale must be 0, got {self.scale}")
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, scale: float = 1.0) -> "ReservePolicy":
-        """The policy with the overhead of `<async>` + `</async>` in this tokenizer."""
+    def for_tokenizer(cls, tokenizer, scale: float = 1.0, layout: str = "reserve") -> "ReservePolicy":
+        """The policy with the overhead of `<async>` + `</async>` in this tokenizer; `layout` 'linear' forces
+        scale 0."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         n = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in (ASYNC_OPEN, ASYNC_CLOSE))
-        return cls(scale, n)
+        linear = layout == "linear"
+        return cls(0.0 if linear else scale, n, linear)
 
     def reserve(self, tokens: int) -> int:
         """R for a promise of `tokens` tokens."""
@@ -52,10 +64,13 @@ class ReservePolicy:
 
 @dataclass(frozen=True)
 class Span:
-    """A run of consecutive tokens of one thread added together: their positions and the view they share."""
+    """A run of consecutive tokens of one column added together: their positions and the view they share.
 
-    thread: int
-    start: int  # index of the first token within its thread
+    A column is a thread's run of cache slots: one per thread, except that in the linear layout main moves to a
+    new column at each sync that re-lays its history."""
+
+    thread: int  # the column (the thread id in the reserve layout)
+    start: int  # index of the first token within its column
     positions: list[int]
     view: tuple[int, ...]  # visible prefix length of every thread (own entry unused)
 
@@ -70,60 +85,88 @@ class _Thread:
 
 
 class Layout:
-    """Incremental layout of one request: positions and views for every token as threads write them."""
+    """Incremental layout of one request: positions and views for every token as threads write them.
+
+    Threads are numbered main 0, blocks 1, 2, ... in fork order; `append` takes a thread id. Slots live in
+    columns (`threads` holds them): a block's column is its own; main's is column 0 until a linear-layout sync
+    (`relay`) moves it to a new one."""
 
     def __init__(self, policy: ReservePolicy = ReservePolicy()):
         self.policy = policy
-        self.threads: list[_Thread] = [_Thread(view=[0], next_pos=0)]
+        self.threads: list[_Thread] = [_Thread(view=[0], next_pos=0)]  # columns
+        self.column: list[int] = [0]  # thread id -> its column
 
     @property
     def num_threads(self) -> int:
+        return len(self.column)
+
+    @property
+    def num_columns(self) -> int:
         return len(self.threads)
 
     def next_position(self, thread: int) -> int:
         """Position the thread's next token will get."""
-        return self.threads[thread].next_pos
+        return self.threads[self.column[thread]].next_pos
 
     def append(self, thread: int, n: int) -> Span:
         """Add n tokens to a thread; return their span."""
-        t = self.threads[thread]
-        span = Span(thread, t.count, list(range(t.next_pos, t.next_pos + n)), tuple(t.view))
+        c = self.column[thread]
+        t = self.threads[c]
+        span = Span(c, t.count, list(range(t.next_pos, t.next_pos + n)), tuple(t.view))
         t.count += n
         t.next_pos += n
         if n:
             t.last_pos = t.next_pos - 1
-        t.view[thread] = t.count
+        t.view[c] = t.count
         return span
+
+    def _new_column(self, view: list[int], next_pos: int) -> int:
+        c = len(self.threads)
+        for t in self.threads:
+            t.view.append(0)
+        self.threads.append(_Thread(view=view + [0], next_pos=next_pos))
+        return c
 
     def fork(self, promised_tokens: int) -> int:
         """Start an async thread right after main's last token (the end of a promise); return its id."""
-        main = self.threads[0]
-        j = len(self.threads)
-        for t in self.threads:
-            t.view.append(0)
-        view = list(main.view)  # what main sees now, including its own tokens so far
-        view[j] = 0
+        main = self.threads[self.column[0]]
         start = main.last_pos + 1
-        self.threads.append(_Thread(view=view, next_pos=start))
+        self.column.append(self._new_column(list(main.view), start))  # it sees what main sees now
         main.next_pos += self.policy.reserve(promised_tokens)
-        return j
+        return len(self.column) - 1
 
     def join(self) -> list[int]:
         """Sync: main sees every forked block in full from its next token on; returns the ids joined now."""
-        main = self.threads[0]
+        main = self.threads[self.column[0]]
         joined = []
-        for j, t in enumerate(self.threads[1:], start=1):
+        for j in range(1, len(self.column)):
+            t = self.threads[self.column[j]]
             if not t.joined:
                 t.joined = True
-                main.view[j] = t.count
+                main.view[self.column[j]] = t.count
                 joined.append(j)
         return joined
 
     def after_join(self, joined: list[int]) -> None:
         """Main's token completing the sync has been added: continue past every joined block."""
-        main = self.threads[0]
+        main = self.threads[self.column[0]]
         for j in joined:
-            main.next_pos = max(main.next_pos, self.threads[j].last_pos + 1)
+            main.next_pos = max(main.next_pos, self.threads[self.column[j]].last_pos + 1)
+
+    def relay(self, shared: int) -> None:
+        """Linear layout, at a sync: main moves to a new column that sees its current column's first `shared`
+        slots (and what that column sees), at the positions right after them. The interpreter then appends the
+        re-laid history (blocks and main's later text, in reading order) and main's next tokens to it. Every
+        block forked so far counts as joined."""
+        old = self.threads[self.column[0]]
+        if shared > old.count:
+            raise ValueError(f"relay: {shared} shared slots, but main's column has {old.count}")
+        view = list(old.view)
+        view[self.column[0]] = shared
+        first = old.next_pos - old.count  # linear: a column's positions are consecutive from its first
+        for j in range(1, len(self.column)):
+            self.threads[self.column[j]].joined = True
+        self.column[0] = self._new_column(view, first + shared)
 
 
 @dataclass

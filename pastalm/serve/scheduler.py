@@ -97,7 +97,7 @@ class Scheduler:
     def state(self) -> dict:
         with self.cond:
             return {"running": len(self.batcher.active), "queued": len(self.waiting),
-                    "live_threads": self.batcher.live_threads, "cache_slots": self.batcher.cache.num_slots}
+                    "live_threads": self.batcher.live_threads, **self.batcher.stats()}
 
     # -- the loop thread --------------------------------------------------------------------------------------
 
@@ -167,4 +167,4 @@ class Scheduler:
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.gauges(len(self.batcher.active), len(self.waiting), self.batcher.live_threads,
-                                self.batcher.cache.num_slots)
+                                self.batcher.stats().get("cache_slots", 0))

@@ -1,0 +1,152 @@
+"""Types the step loop, its backends and their callers share: the settings of a generation, a request in flight,
+its result, and the `Runner` protocol a backend implements (docs/spec.md section 4)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from ..lang.layout import LAYOUTS, ReservePolicy
+from .interpreter import Feed, Interpreter, Limits
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one generation.
+
+    Args:
+        max_new_tokens: tokens all threads may choose together (tags included; the forced <async> is free).
+        async_factor: an async block's chunk may take async_factor * its promised tokens (plus its two tags).
+        async_cap: hard cap on the tokens of one chunk.
+        max_threads: live async threads; a promise past it is decoded inline by main.
+        max_context: cache slots per request; None takes the model's max_position_embeddings.
+        layout: 'reserve' (positions reserved per block; main sees the blocks where they were written) or 'linear'
+            (nothing reserved; a sync re-lays the history in reading order): docs/spec.md section 3. The vLLM
+            backend runs only 'linear'.
+        reserve_scale: reserve layout: positions reserved per block, R = ceil(scale * tokens) + tag overhead; 0
+            reserves none. None: 1 in the reserve layout, 0 (the only value it allows) in the linear one.
+        temperature: 0 (or below 1e-5) is greedy.
+        top_p: nucleus sampling threshold in (0, 1].
+        seed: seeds every thread's own generator.
+        max_promises: runaway guard: main ends at a promise past this many (None: no limit).
+        repeat_guard: runaway guard: main ends at a promise whose topic repeats an earlier one's (on: docs/spec.md
+            section 5 has the measurement).
+        block_guard: a block that writes a promise (which only main may) ends there (on).
+        sequential: decode everything in main, one token at a time (the baseline).
+        record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
+    """
+
+    max_new_tokens: int = 512
+    async_factor: float = 2.0
+    async_cap: int = 512
+    max_threads: int = 8
+    max_promises: int | None = None
+    repeat_guard: bool = True
+    block_guard: bool = True
+    max_context: int | None = None
+    layout: str = "reserve"
+    reserve_scale: float | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    sequential: bool = False
+    record_logits: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "linear" and self.reserve_scale not in (None, 0):
+            raise ValueError(f"the linear layout reserves no positions; reserve_scale {self.reserve_scale} needs "
+                             "layout 'reserve'")
+        ReservePolicy(self.scale)  # validates the scale
+        self.limits(None)  # validates the limits
+
+    @property
+    def scale(self) -> float:
+        """The reserve scale in effect."""
+        if self.reserve_scale is not None:
+            return self.reserve_scale
+        return 0.0 if self.layout == "linear" else 1.0
+
+    def policy(self, tokenizer) -> ReservePolicy:
+        return ReservePolicy.for_tokenizer(tokenizer, self.scale, self.layout)
+
+    def limits(self, max_positions: int | None) -> Limits:
+        return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,
+                      max_context=self.max_context or max_positions, max_positions=max_positions,
+                      max_promises=self.max_promises, repeat_guard=self.repeat_guard,
+                      block_guard=self.block_guard)
+
+
+@dataclass
+class Result:
+    """One answer and its measures (docs/spec.md section 7)."""
+
+    text: str
+    raw: str
+    model: str
+    mode: str
+    prompt_tokens: int
+    tokens: int  # tokens of the rendered answer (tags excluded)
+    tag_tokens: int
+    decode_steps: int  # forward passes, prefill included
+    threads: int  # async threads forked
+    theoretical_speedup: float
+    wall_s: float
+    limits_hit: list[str]
+    finish: list[str] = field(default_factory=list)  # why each thread ended, main first
+    pieces: list[dict] = field(default_factory=list)  # reading order: {"thread", "text", "finish"} per piece
+    token_ids: list[list[int]] = field(default_factory=list)  # each thread's written tokens (main without prompt)
+    logits: dict | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("logits")
+        d.pop("token_ids")
+        return d
+
+
+@dataclass
+class Request:
+    """One request in flight: its interpreter, settings, generators and measures."""
+
+    id: int
+    interp: Interpreter
+    config: GenerateConfig
+    prompt_len: int
+    mode: str
+    scaffold: bool = False
+    on_text: object = None
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    streamed: int = 0
+    generators: dict = field(default_factory=dict)  # thread -> torch.Generator (the HF runner's sampling)
+    logits: dict | None = None  # record_logits: (thread, index in thread) -> logits or the backend's record
+    columns: dict[int, int] = field(default_factory=dict)  # layout column -> the runner's global column
+    waiting: set[int] = field(default_factory=set)  # threads that want a token and have not been given one
+    result: Result | None = None  # once finished
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class Runner(Protocol):
+    """A backend: runs the model for the step loop (`batch.Batcher`).
+
+    Each step the loop gives every live request's feeds (the tokens each thread adds to its context, with their
+    layout span) and the threads that want a token; the runner returns the chosen token of each such thread it
+    could decode in this step, keyed by (request id, thread). A runner that samples for itself (vLLM) may leave a
+    thread out; the loop asks again next step. `release` frees the state of finished or cancelled requests
+    (`gone`); it may wait until they are most of its memory, unless `now`."""
+
+    def step(self, work: list[tuple[Request, list[Feed]]]) -> dict[tuple[int, int], int]: ...
+
+    def release(self, gone: list[Request], live: list[Request], now: bool = False) -> None: ...
+
+    def stats(self) -> dict: ...

@@ -471,6 +471,8 @@ def _adapter_options(text: str) -> dict[str, tuple[str, dict]]:
                     opts[key] = value.lower() in ("1", "true", "yes")
                 elif "float" in kind:
                     opts[key] = float(value)
+                elif "str" in kind:
+                    opts[key] = value
                 else:
                     opts[key] = int(value)
             except ValueError:

@@ -33,12 +33,13 @@ def tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def tiny_model(arch: str = "llama", vocab_size: int = 384, seed: int = 0):
-    """A randomly initialised 2-layer model of the given architecture ('llama' or 'qwen2'), fp32, eval mode."""
+def tiny_model(arch: str = "llama", vocab_size: int = 384, seed: int = 0, head_dim: int = 16):
+    """A randomly initialised 2-layer model of the given architecture ('llama' or 'qwen2'), fp32, eval mode, with
+    4 query and 2 KV heads of `head_dim` (vLLM's CPU attention needs 32 or more)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    kw = dict(vocab_size=vocab_size, hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)

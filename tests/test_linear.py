@@ -1,0 +1,119 @@
+"""The linear layout (docs/spec.md section 3), checked against its definition: every thread's context is one
+linear token sequence at consecutive positions, so the logits the engine computes for a token must equal a plain
+causal forward (no mask, default positions) over that sequence. The sequences are derived here from the annotated
+answer alone: main's tokens; a block's is main's through its promise plus its own; after a sync, main's is the whole
+answer so far in reading order (blocks right after their promises) followed by main's next tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.models import chat_prompt
+
+TAG = re.compile(r'<promise[^>]*/>|<async>|</async>|<sync/>')
+P = '<promise tokens="{}"/>'
+ANSWERS = {
+    "sync_mid": "Intro: " + P.format(6) + "<async>one two</async> and " + P.format(8)
+                + "<async>three four five</async><sync/> so after the sync main reads both.",
+    "two_syncs": "A " + P.format(5) + "<async>alpha</async><sync/> then B " + P.format(5)
+                 + "<async>beta gamma</async> mid " + P.format(4) + "<async>delta</async><sync/> end.",
+    "no_sync": "List: " + P.format(6) + "<async>first item</async>\n" + P.format(6) + "<async>second</async> tail",
+    "sync_no_block": "Plain text <sync/> and more text.",
+}
+
+
+def linear_contexts(tok, prompt_ids: list[int], annotated: str) -> dict[tuple[int, int], list[int]]:
+    """(thread, index of the token in its thread) -> the linear context that ends with that token."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    segs, pos = [], 0
+    for m in TAG.finditer(annotated):
+        if m.start() > pos:
+            segs.append(("text", annotated[pos:m.start()]))
+        segs.append(("tag", m.group()))
+        pos = m.end()
+    if pos < len(annotated):
+        segs.append(("text", annotated[pos:]))
+    out: dict[tuple[int, int], list[int]] = {}
+    serial = list(prompt_ids)  # everything written, in reading order
+    main = list(prompt_ids)  # main's context
+    main_n = len(prompt_ids)
+    for i in range(len(prompt_ids)):
+        out[(0, i)] = prompt_ids[: i + 1]
+    blocks, block, ctx, n = 0, None, None, 0
+    for kind, text in segs:
+        ids = enc(text)
+        if kind == "tag" and text == "<async>":
+            blocks += 1
+            block, ctx, n = blocks, list(main), 0  # main through its promise
+        if block is not None:
+            for t in ids:
+                ctx.append(t)
+                serial.append(t)
+                out[(block, n)] = list(ctx)
+                n += 1
+            if text == "</async>":
+                block = None
+            continue
+        for k, t in enumerate(ids):
+            if text == "<sync/>" and k == len(ids) - 1:
+                main = list(serial)  # the sync's last token: main's history re-laid in reading order
+            main.append(t)
+            serial.append(t)
+            out[(0, main_n)] = list(main)
+            main_n += 1
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+def test_linear_layout_is_a_plain_forward_of_each_threads_sequence(model, tokenizer, name):
+    tok = tokenizer
+    prompt_ids = chat_prompt(tok, "Tell me two things.")
+    cfg = GenerateConfig(layout="linear", record_logits=True, max_new_tokens=400)
+    res = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id}).generate(prompt_ids, cfg, force=ANSWERS[name])
+    assert not res.limits_hit and res.raw == ANSWERS[name]
+    ref = linear_contexts(tok, prompt_ids, ANSWERS[name])
+    written = sum(len(ids) for ids in res.token_ids)
+    forced = len(tok.encode("<async>", add_special_tokens=False))  # a block's forced tags go in one feed
+    assert len(res.logits) == 1 + written - res.threads * (forced - 1)  # one record per feed
+    with torch.no_grad():
+        for key, logits in res.logits.items():
+            ctx = ref[key]
+            want = model(input_ids=torch.tensor([ctx])).logits[0, -1]
+            assert torch.allclose(logits, want, atol=1e-4), (key, (logits - want).abs().max())
+
+
+def test_linear_equals_reserve_at_scale_0_until_a_sync(model, tokenizer):
+    """Without a sync the two layouts are the same: the reserve layout at scale 0 gives the same logits."""
+    tok = tokenizer
+    prompt_ids = chat_prompt(tok, "Tell me two things.")
+    eng = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id})
+    a = eng.generate(prompt_ids, GenerateConfig(layout="linear", record_logits=True), force=ANSWERS["no_sync"])
+    b = eng.generate(prompt_ids, GenerateConfig(reserve_scale=0, record_logits=True), force=ANSWERS["no_sync"])
+    assert a.logits.keys() == b.logits.keys()
+    for k in a.logits:
+        assert torch.allclose(a.logits[k], b.logits[k], atol=1e-5)
+
+
+def test_linear_greedy_free_decoding_is_a_plain_forward(model, tokenizer):
+    """Free greedy decoding in the linear layout: each chosen token is the argmax of a plain forward over the
+    thread's context as the raw answer defines it (checked through the same reference)."""
+    tok = tokenizer
+    prompt_ids = chat_prompt(tok, "Tell me two things.")
+    cfg = GenerateConfig(layout="linear", max_new_tokens=60)
+    res = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id}).generate(prompt_ids, cfg)
+    main = res.token_ids[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + main])).logits[0]
+    # until main forks (a random model rarely writes a whole promise) main is plain greedy decoding
+    assert main == logits[len(prompt_ids) - 1:-1].argmax(-1).tolist()[: len(main)]
+
+
+def test_linear_layout_refuses_a_reserve_scale():
+    with pytest.raises(ValueError, match="reserves no positions"):
+        GenerateConfig(layout="linear", reserve_scale=1.0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GenerateConfig(layout="diagonal")

@@ -16,67 +16,31 @@ import os
 import sys
 from pathlib import Path
 
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low."""
-    what = "a positive integer" if low == 1 else f"an integer >= {low}"
-
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            n = low - 1
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
-        return n
-
-    return parse
+from .settings import int_at_least
 
 
-_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+def _modelflags(parser, only=None, defaults=None, helps=None):
+    from .settings import ModelSettings, add_flags
 
-
-def _nonneg_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v!r}")
-    return x
-
-
-def _probability(v: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        x = float(v)
-    except ValueError:
-        x = -1.0
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}")
-    return x
+    return add_flags(parser, ModelSettings, only=only, defaults=defaults, helps=helps)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.types import GenerateConfig
+    from .settings import PromptSettings, add_flags
+
     p = argparse.ArgumentParser(prog="pasta", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer prompts with asynchronous (PASTA) decoding")
     g.add_argument("prompt", nargs="?", help="the prompt; '-' reads it from stdin")
-    g.add_argument("--prompts", type=Path, help="answer many prompts: JSONL with a 'prompt' field, or one per line")
-    g.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute dtype")
-    g.add_argument("--adapter", default="auto",
-                   help="LoRA adapter: 'auto' (the shipped PASTA adapter on the bundled model, none on others), "
-                        "'pasta' (annotation v3), 'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', "
-                        "or a folder from `pasta train sft` "
-                        "or `pasta train prefer`")
-    g.add_argument("--system", help="system message for the chat template")
-    g.add_argument("--sequential", action="store_true", help="turn async decoding off (the baseline)")
+    add_flags(g, PromptSettings, only=["prompts"], helps={"prompts": "answer many prompts: 'train', 'eval' or a "
+                                                          "JSONL file with a 'prompt' field (or one per line)"})
+    _modelflags(g)
     g.add_argument("--force", type=Path, help="replay the annotated answer in this file instead of sampling")
     g.add_argument("--raw", action="store_true", help="print the annotated (serialized) form")
     g.add_argument("--stream", action="store_true", help="print the answer as it is decoded, in reading order")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt with text and measures")
-    _decoding_args(g)
+    add_flags(g, GenerateConfig)
     _train_parsers(sub)
     _eval_parser(sub)
     _serve_parser(sub)
@@ -84,101 +48,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_parser(sub) -> None:
+    from .engine.types import GenerateConfig
+    from .settings import add_flags, nonneg_int, positive_int
+
     v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    v.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
-    v.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    v.add_argument("--adapter", default="auto", help="as in `pasta generate`")
+    _modelflags(v, helps={"system": "system message added when a request has none"})
     v.add_argument("--served-name", help="model id clients ask for (default: the model's name)")
     v.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1: this machine only)")
-    v.add_argument("--port", type=_int_at_least(0), default=8000, help="port (0: any free port)")
+    v.add_argument("--port", type=nonneg_int, default=8000, help="port (0: any free port)")
     v.add_argument("--api-key", help="require this key (default: $PASTA_API_KEY; none when unset)")
-    v.add_argument("--system", help="system message added when a request has none")
-    v.add_argument("--max-running", type=_positive_int, default=16, help="requests decoded together")
-    v.add_argument("--max-queue", type=_nonneg_int, default=64, help="requests waiting; past this, 429")
-    v.add_argument("--max-tokens-limit", type=_positive_int, default=2048, help="largest max_tokens accepted")
-    v.add_argument("--max-prompt-tokens", type=_positive_int, default=4096)
-    v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    v.add_argument("--max-running", type=positive_int, default=16, help="requests decoded together")
+    v.add_argument("--max-queue", type=nonneg_int, default=64, help="requests waiting; past this, 429")
+    v.add_argument("--max-tokens-limit", type=positive_int, default=2048, help="largest max_tokens accepted")
+    v.add_argument("--max-prompt-tokens", type=positive_int, default=4096)
+    v.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _decoding_args(v)
-
-
-def _decoding_args(g) -> None:
-    g.add_argument("--max-new-tokens", type=_positive_int, default=512)
-    g.add_argument("--max-threads", type=_nonneg_int, default=8, help="live async threads (0: all inline)")
-    g.add_argument("--async-factor", type=_nonneg_float, default=2.0,
-                   help="an async block may write this many times its promised tokens")
-    g.add_argument("--async-cap", type=_positive_int, default=512, help="hard cap on one async block's tokens")
-    g.add_argument("--max-promises", type=_positive_int,
-                   help="runaway guard: main ends at a promise past this many in one answer (default: no limit)")
-    g.add_argument("--repeat-guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="runaway guard: main ends at a promise whose topic (or lead) repeats an earlier one's (on)")
-    g.add_argument("--block-guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="a block that writes a promise (which only main may) ends there (on)")
-    g.add_argument("--max-context", type=_positive_int, help="cache slots per request (default: the model's)")
-    g.add_argument("--reserve-scale", type=_nonneg_float, default=1.0,
-                   help="positions reserved per block: ceil(scale * tokens) + tag overhead; 0 reserves none")
-    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=_probability, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-
-
-def _decoding_config(args, sequential: bool = False):
-    from .engine import GenerateConfig
-
-    return GenerateConfig(
-        max_new_tokens=args.max_new_tokens, async_factor=args.async_factor, async_cap=args.async_cap,
-        max_threads=args.max_threads, max_promises=args.max_promises, repeat_guard=args.repeat_guard,
-        block_guard=args.block_guard,
-        max_context=args.max_context, reserve_scale=args.reserve_scale, temperature=args.temperature, top_p=args.top_p, seed=args.seed, sequential=sequential)
+    add_flags(v, GenerateConfig, skip=("sequential",))
 
 
 def _eval_parser(sub) -> None:
+    from .engine.types import GenerateConfig
+    from .settings import PromptSettings, add_flags, positive_int
+
     e = sub.add_parser("eval", help="compare sequential, PASTA and Skeleton-of-Thought decoding on a prompt set")
-    e.add_argument("--prompts", default="eval", help="'eval', 'train' or a JSONL file with a 'prompt' field")
+    add_flags(e, PromptSettings, defaults={"prompts": "eval"})
     e.add_argument("--modes", default="sequential,pasta,sot,reference",
                    help="comma-separated: sequential, pasta, sot, reference (the base model: the proxy judges every "
                         "mode against it), sample (a sampled second sequential answer: the proxy's noise floor)")
     e.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes)")
-    e.add_argument("--model", help="HF model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
-    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    e.add_argument("--adapter", default="auto",
-                   help="adapter of the pasta mode (as in `pasta generate`); several, comma-separated as "
-                        "LABEL=ADAPTER, give one mode pasta:LABEL each (a frontier in one run)")
+    _modelflags(e, helps={"adapter": "adapter of the pasta mode (as in `pasta generate`); several, comma-separated "
+                          "as LABEL=ADAPTER, give one mode pasta:LABEL each (a frontier in one run); "
+                          "LABEL=ADAPTER?layout=linear&max_threads=4 changes that mode's decoding settings"})
     e.add_argument("--baseline-adapter", default="auto",
                    help="adapter of the sequential and sot modes: 'auto' (the shipped baseline adapter on the "
                         "bundled model, none on others), 'baseline', 'none' or a folder")
     e.add_argument("--reference-adapter", default="none",
                    help="adapter of the reference mode (default: none, the base model the adapters were trained on)")
-    e.add_argument("--system", help="system message for the chat template")
-    e.add_argument("--limit", type=_positive_int, help="only the first N prompts (after --per-category)")
-    e.add_argument("--per-category", type=_positive_int,
-                   help="only the first N prompts of each category, in file order")
     e.add_argument("--judge", default="proxy", choices=["proxy", "openai", "hf", "none"],
-                   help="quality judge (proxy: offline content/repetition/degeneracy checks, not a preference)")
+                   help="quality judge (proxy: offline content/repetition/degeneracy checks, not a preference; "
+                        "`pasta train prefer` uses it too)")
     e.add_argument("--judge-url", help="openai judge: API root, e.g. http://127.0.0.1:8000/v1")
     e.add_argument("--judge-model", help="openai judge: model name; hf judge: model folder or hub id")
     e.add_argument("--judge-key-env", default="PASTA_JUDGE_API_KEY", help="openai judge: env var holding the key")
     e.add_argument("--no-efficiency", action="store_true",
                    help="skip the sequential replay of each forked PASTA answer (engine efficiency)")
-    e.add_argument("--sot-point-tokens", type=_positive_int, default=60, help="SoT: promised tokens per point")
-    e.add_argument("--sot-skeleton-tokens", type=_positive_int, default=120, help="SoT: skeleton token limit")
+    e.add_argument("--sot-point-tokens", type=positive_int, default=60, help="SoT: promised tokens per point")
+    e.add_argument("--sot-skeleton-tokens", type=positive_int, default=120, help="SoT: skeleton token limit")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    _decoding_args(e)
+    add_flags(e, GenerateConfig, skip=("sequential",))
 
 
 def _train_parsers(sub) -> None:
+    from .engine.types import GenerateConfig
+    from .settings import PromptSettings, TrainSettings, add_flags, defaults_of, nonneg_float, positive_int, \
+        probability
+    from .train.prefer import PreferConfig
+    from .train.sft import SFTConfig
+
     a = sub.add_parser("answers", help="the base model's greedy answers to a prompt set (batched, resumable)")
-    a.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
+    add_flags(a, PromptSettings, only=["prompts", "limit"], defaults={"prompts": "train"})
     a.add_argument("--output", type=Path, required=True, help="JSONL to append answers to (rerun to resume)")
-    a.add_argument("--model", help="HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    a.add_argument("--adapter", default="none", help="adapter to apply first (default: none, the base model)")
-    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    a.add_argument("--batch-size", type=_positive_int, default=16)
-    a.add_argument("--max-new-tokens", type=_positive_int, default=320)
+    _modelflags(a, only=["model", "adapter", "dtype", "system"], defaults={"adapter": "none"},
+                helps={"adapter": "adapter to apply first (default: none, the base model)"})
+    a.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")
+    add_flags(a, GenerateConfig, only=["max_new_tokens"], defaults={"max_new_tokens": 320})
     a.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="greedy decoding with this penalty (1.0 = plain greedy; small models loop without one)")
-    a.add_argument("--limit", type=_positive_int, help="only the first N prompts")
-    a.add_argument("--system", help="system message for the chat template")
 
     n = sub.add_parser("annotate", help="annotate answers in PASTA-LANG and keep only exact annotations")
     n.add_argument("input", type=Path, help="JSONL with 'prompt' and 'answer' (from `pasta answers`)")
@@ -190,40 +125,36 @@ def _train_parsers(sub) -> None:
     n.add_argument("--teacher-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     n.add_argument("--teacher-model", help="model name at the teacher endpoint")
     n.add_argument("--teacher-key-env", default="PASTA_TEACHER_API_KEY", help="env var holding the API key")
-    n.add_argument("--model", help="model whose tokenizer counts chunk tokens (default: bundled SmolLM2)")
-    n.add_argument("--bucket", type=_nonneg_int, default=10, help="round token counts up to this (0/1: exact)")
-    n.add_argument("--limit", type=_positive_int)
+    _modelflags(n, only=["model"], helps={"model": "model whose tokenizer counts chunk tokens (default: bundled "
+                                          "SmolLM2)"})
+    n.add_argument("--bucket", type=nonneg_float, default=10, help="round token counts up to this (0/1: exact)")
+    add_flags(n, PromptSettings, only=["limit"])
 
     t = sub.add_parser("train", help="fine-tune a model")
     tsub = t.add_subparsers(dest="stage", required=True)
     s = tsub.add_parser("sft", help="stage 1: supervised fine-tuning with the layout's mask, positions, labels")
     s.add_argument("data", type=Path, help="JSONL with 'prompt' and 'annotated' (from `pasta annotate`)")
-    s.add_argument("--output", type=Path, required=True, help="folder for the adapter, checkpoints and config")
+    s.add_argument("--output", type=Path, required=True, help="output folder (adapter, checkpoints, summary)")
     s.add_argument("--sequential", action="store_true",
                    help="train the sequential baseline: the same answers with their tags removed")
     s.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    s.add_argument("--model", help="base model (default: bundled SmolLM2-135M-Instruct)")
-    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
-                   help="base weights dtype (LoRA weights stay fp32; use fp32 with --full)")
-    s.add_argument("--epochs", type=float, default=1.0)
+    _modelflags(s, only=["model", "dtype", "system"],
+                helps={"model": "base model (default: bundled SmolLM2-135M-Instruct)",
+                       "dtype": "base weights dtype (LoRA weights stay fp32; use fp32 with --full)"})
+    add_flags(s, TrainSettings, defaults=defaults_of(SFTConfig, ["epochs", "batch_size", "grad_accum", "lr",
+                                                                 "max_length", "seed"]))
     s.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    s.add_argument("--batch-size", type=_positive_int, default=4)
-    s.add_argument("--grad-accum", type=_positive_int, default=2)
-    s.add_argument("--lr", type=float, default=2e-4)
-    s.add_argument("--lora-r", type=_positive_int, default=16)
-    s.add_argument("--lora-top", type=_positive_int,
+    s.add_argument("--lora-r", type=positive_int, default=16)
+    s.add_argument("--lora-top", type=positive_int,
                    help="LoRA on the top N layers only (default: all); halves a CPU step for half the layers")
-    s.add_argument("--max-length", type=_positive_int, default=640)
-    s.add_argument("--reserve-scale", type=_nonneg_float, default=1.0)
-    s.add_argument("--save-steps", type=_positive_int, default=50)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--limit", type=_positive_int, help="only the first N examples")
-    s.add_argument("--tag-weight", type=_nonneg_float, default=1.0,
+    add_flags(s, GenerateConfig, only=["reserve_scale"], defaults={"reserve_scale": 1.0})
+    s.add_argument("--save-steps", type=positive_int, default=50)
+    add_flags(s, PromptSettings, only=["limit"])
+    s.add_argument("--tag-weight", type=nonneg_float, default=1.0,
                    help="loss weight of predicting a tag token (1: plain mean over tokens)")
     s.add_argument("--init-adapter", help="continue training this adapter folder instead of a new LoRA")
     s.add_argument("--skip-truncated", action="store_true",
                    help="leave out answers the base model did not finish (hit its token limit)")
-    s.add_argument("--system", help="system message for the chat template")
 
     f = tsub.add_parser("prefer", help="stage 2: preference optimization on speed and quality (BoNBoN), in rounds")
     f.add_argument("--from", dest="from_adapter", required=True,
@@ -231,37 +162,42 @@ def _train_parsers(sub) -> None:
                    "`pasta train prefer`), 'pasta' (the shipped v3 stage-2 adapter), 'pasta-v2' (the v2 SFT one), "
                    "'pasta-stage1' (the v1 SFT adapter) or 'pasta-v1' (the v1 stage-2 one)")
     f.add_argument("--output", type=Path, required=True, help="folder for samples, pairs, adapters, statistics")
-    f.add_argument("--prompts", default="train", help="'train', 'eval' or a JSONL file with a 'prompt' field")
+    add_flags(f, PromptSettings, defaults={"prompts": "train"})
     f.add_argument("--baseline-adapter", default="baseline",
                    help="model of the sequential reference answers (the quality reference)")
-    f.add_argument("--model", help="base model (default: bundled SmolLM2-135M-Instruct)")
-    f.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    f.add_argument("--samples", type=_int_at_least(2), default=4, help="answers sampled per prompt")
+    _modelflags(f, only=["model", "dtype", "system"], helps={"model": "base model (default: bundled SmolLM2)"})
+    f.add_argument("--samples", type=int_at_least(2), default=4, help="answers sampled per prompt")
     f.add_argument("--lambdas", default="1,2,4,8,inf", help="speed/quality knobs: score = speedup + lambda*quality")
-    f.add_argument("--rounds", type=_positive_int, default=1, help="rounds; each samples with the newest model")
-    f.add_argument("--judge", default="proxy", choices=["proxy"], help="quality judge (see pasta eval)")
-    f.add_argument("--temperature", type=_nonneg_float, default=0.8)
-    f.add_argument("--top-p", type=_probability, default=0.95)
+    f.add_argument("--rounds", type=positive_int, default=1, help="rounds; each samples with the newest model")
+    add_flags(f, GenerateConfig, only=["temperature", "top_p", "max_new_tokens"],
+              defaults=defaults_of(PreferConfig, ["temperature", "top_p", "max_new_tokens"]),
+              helps={"max_new_tokens": "token budget of each sample (use pasta eval's --max-new-tokens to train at "
+                                       "its limit)"})
     f.add_argument("--greedy-candidate", action="store_true",
                    help="make sample 0 of each prompt the greedy answer (how pasta eval and the server decode), so "
                    "a greedy answer that runs into a limit can lose against a sampled one")
-    f.add_argument("--max-new-tokens", type=_positive_int, default=320,
-                   help="token budget of each sample (use pasta eval's --max-new-tokens to train at its limit)")
-    f.add_argument("--batch-requests", type=_positive_int, default=16, help="requests decoded together")
-    f.add_argument("--alpha", type=_probability, default=0.5, help="weight of the winner's likelihood term")
+    f.add_argument("--batch-requests", type=positive_int, default=16, help="requests decoded together")
+    f.add_argument("--alpha", type=probability, default=0.5, help="weight of the winner's likelihood term")
     f.add_argument("--beta", type=float, default=5.0, help="IPO target margin 1/(2 beta), in nats per token with "
                    "--ipo-norm mean (5: 0.1 nat per token)")
     f.add_argument("--ipo-norm", choices=["mean", "sum"], default="mean",
                    help="log-ratios of the IPO term: per-token means (stable on long answers) or sums over the answer")
-    f.add_argument("--lr", type=float, default=5e-5)
-    f.add_argument("--epochs", type=float, default=1.0)
-    f.add_argument("--batch-size", type=_positive_int, default=2, help="pairs per micro-batch")
-    f.add_argument("--grad-accum", type=_positive_int, default=2)
-    f.add_argument("--max-length", type=_positive_int, default=640)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--limit", type=_positive_int, help="only the first N prompts")
-    f.add_argument("--per-category", type=_positive_int, help="only the first N prompts of each category")
-    f.add_argument("--system", help="system message for the chat template")
+    add_flags(f, TrainSettings, defaults=defaults_of(PreferConfig, ["epochs", "batch_size", "grad_accum", "lr",
+                                                                    "max_length", "seed"]),
+              helps={"batch_size": "pairs per micro-batch"})
+
+
+def _decoding_config(args, sequential: bool = False):
+    from .engine import GenerateConfig
+    from .settings import from_args
+
+    return from_args(GenerateConfig, args, sequential=sequential)
+
+
+def _model_settings(args):
+    from .settings import ModelSettings, from_args
+
+    return from_args(ModelSettings, args)
 
 
 def answers(args) -> int:
@@ -321,7 +257,7 @@ def prefer(args) -> int:
         raise ValueError("--beta must be > 0")
     cfg = PreferConfig(output=str(args.output), from_adapter=args.from_adapter, prompts=args.prompts,
                        baseline_adapter=args.baseline_adapter, model=args.model, dtype=args.dtype,
-                       samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge=args.judge,
+                       samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge="proxy",
                        temperature=args.temperature, top_p=args.top_p,
                        greedy_candidate=args.greedy_candidate, max_new_tokens=args.max_new_tokens,
                        batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, ipo_norm=args.ipo_norm,
@@ -358,10 +294,15 @@ def read_prompts(args) -> list[str]:
     if args.prompts is not None:
         if args.prompt is not None:
             raise ValueError("give either a PROMPT or --prompts FILE, not both")
-        if not args.prompts.is_file():
+        if args.prompts in ("train", "eval"):
+            from .train.prompts import load_prompts
+
+            return [p["prompt"] for p in load_prompts(args.prompts)]
+        path = Path(args.prompts)
+        if not path.is_file():
             raise ValueError(f"--prompts: no such file '{args.prompts}'")
         prompts = []
-        for n, line in enumerate(args.prompts.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
@@ -386,8 +327,7 @@ def read_prompts(args) -> list[str]:
 
 
 def generate(args) -> int:
-    from .engine import Engine
-    from .models import chat_prompt, load
+    from .models import chat_prompt
 
     prompts = read_prompts(args)
     force = None
@@ -396,17 +336,19 @@ def generate(args) -> int:
             raise ValueError(f"--force: no such file '{args.force}'")
         force = args.force.read_text()
     cfg = _decoding_config(args, args.sequential)
-    loaded = load(args.model, args.dtype, args.adapter)
-    engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+    settings = _model_settings(args)
+    engine = settings.engine()
+    engine.check(cfg)
     for prompt in prompts:
-        ids = chat_prompt(loaded.tokenizer, prompt, args.system)
+        ids = chat_prompt(engine.tokenizer, prompt, args.system)
         on_text = None
         if args.stream and not args.json and not args.raw:
             on_text = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
         res = engine.generate(ids, cfg, force=force, on_text=on_text)
         if args.json:
             d = res.to_json()
-            d["dtype"] = loaded.dtype
+            d["dtype"] = settings.dtype
+            d["backend"] = engine.backend
             print(json.dumps(d, ensure_ascii=False), flush=True)
             continue
         if on_text is None:
@@ -484,10 +426,9 @@ def _adapter_options(text: str) -> dict[str, tuple[str, dict]]:
 
 
 def evaluate(args) -> int:
-    from .engine import Engine
     from .eval.harness import EvalConfig, run_eval
     from .eval.speed import stratified
-    from .models import load, resolve_adapter
+    from .models import resolve_adapter
     from .train.prompts import load_prompts
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -504,6 +445,10 @@ def evaluate(args) -> int:
     prompts = stratified(load_prompts(args.prompts), args.per_category)[: args.limit]
     if not prompts:
         raise ValueError(f"--prompts {args.prompts}: no prompts to evaluate")
+    settings = _model_settings(args)
+    for mode in cfg.modes:  # refuse what the backend cannot decode before loading anything
+        if settings.backend == "vllm" and (options.get(mode, {}).get("layout", cfg.generate.layout) != "linear"):
+            raise ValueError(f"--backend vllm decodes the linear layout only; pass --layout linear (mode {mode})")
     judge = _judge(args)
     base_adapter = args.baseline_adapter
     if base_adapter == "auto":
@@ -521,8 +466,7 @@ def evaluate(args) -> int:
         adapter = wanted[mode]
         key = resolve_adapter(adapter, args.model)
         if key not in cache:  # the same weights twice are loaded once
-            m = load(args.model, args.dtype, adapter)
-            cache[key] = Engine(m.model, m.tokenizer, m.name)
+            cache[key] = settings.engine(adapter)
         engines[mode] = cache[key]
     for mode, eng in engines.items():
         print(f"{mode}: {eng.name}", file=sys.stderr)
@@ -543,14 +487,15 @@ def serve(args) -> int:
 
     import uvicorn
 
-    from .engine import Engine
-    from .models import load
     from .serve.app import ServeConfig, create_app
 
     api_key = args.api_key or os.environ.get("PASTA_API_KEY") or None
-    loaded = load(args.model, args.dtype, args.adapter)
-    engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
-    cfg = ServeConfig(model_id=args.served_name or loaded.name, defaults=_decoding_config(args), system=args.system,
+    defaults = _decoding_config(args)
+    settings = _model_settings(args)
+    if settings.backend == "vllm" and defaults.layout != "linear":
+        raise ValueError("--backend vllm decodes the linear layout only; pass --layout linear")
+    engine = settings.engine()
+    cfg = ServeConfig(model_id=args.served_name or engine.name, defaults=defaults, system=args.system,
                       max_running=args.max_running, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                       max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from ..lang.layout import LAYOUTS, ReservePolicy
+from ..settings import nonneg_float, nonneg_int, opt, positive_float, positive_int, probability
 from .interpreter import Feed, Interpreter, Limits
 
 
@@ -37,20 +38,28 @@ class GenerateConfig:
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
     """
 
-    max_new_tokens: int = 512
-    async_factor: float = 2.0
-    async_cap: int = 512
-    max_threads: int = 8
-    max_promises: int | None = None
-    repeat_guard: bool = True
-    block_guard: bool = True
-    max_context: int | None = None
-    layout: str = "reserve"
-    reserve_scale: float | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    sequential: bool = False
+    max_new_tokens: int = opt(512, "tokens all threads may choose together", type=positive_int)
+    async_factor: float = opt(2.0, "an async block may write this many times its promised tokens",
+                              type=positive_float)
+    async_cap: int = opt(512, "hard cap on one async block's tokens", type=positive_int)
+    max_threads: int = opt(8, "live async threads (0: all inline)", type=nonneg_int)
+    max_promises: int | None = opt(None, "runaway guard: main ends at a promise past this many in one answer "
+                                   "(default: no limit)", type=positive_int)
+    repeat_guard: bool = opt(True, "runaway guard: main ends at a promise whose topic (or lead) repeats an "
+                             "earlier one's (on)", action="bool")
+    block_guard: bool = opt(True, "a block that writes a promise (which only main may) ends there (on)",
+                            action="bool")
+    max_context: int | None = opt(None, "cache slots per request (default: the model's positions)",
+                                  type=positive_int)
+    layout: str = opt("reserve", "'reserve': positions reserved per block, main sees blocks in place; 'linear': "
+                      "nothing reserved, a sync re-lays the history in reading order (what vLLM runs); "
+                      "docs/spec.md section 3", choices=LAYOUTS)
+    reserve_scale: float | None = opt(None, "reserve layout: positions reserved per block, ceil(scale * tokens) + "
+                                      "tag overhead; 0 reserves none (default 1)", type=nonneg_float)
+    temperature: float = opt(0.0, "0 is greedy", type=nonneg_float)
+    top_p: float = opt(1.0, "nucleus sampling threshold in (0, 1]", type=probability)
+    seed: int = opt(0, "seeds every thread's sampling", type=int)
+    sequential: bool = opt(False, "turn async decoding off (the baseline)", action="store_true")
     record_logits: bool = False
 
     def __post_init__(self):

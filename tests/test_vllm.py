@@ -1,0 +1,99 @@
+"""The vLLM backend decodes the same semantics as the transformers backend (the linear layout): forced replays give
+the same log-probabilities and free greedy decoding the same tokens. Needs vLLM (`scripts/setup.sh --vllm`, then
+`.venv-vllm/bin/python -m pytest -m vllm`); skipped elsewhere. Both backends run in fp32 here."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from pastalm.engine import Engine, GenerateConfig  # noqa: E402
+from pastalm.models import chat_prompt, load  # noqa: E402
+from pastalm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+P = '<promise tokens="{}"/>'
+REPLAYS = {  # 1, 2 and 4 chunks, with and without a sync, text after the sync
+    1: "Sure: " + P.format(6) + "<async>one two three</async><sync/> That is all.",
+    2: "Two: " + P.format(5) + "<async>alpha beta</async> and " + P.format(5) + "<async>gamma</async><sync/> done.",
+    4: "List:\n1. " + P.format(4) + "<async>first</async>\n2. " + P.format(4) + "<async>second one</async>\n3. "
+       + P.format(4) + "<async>third</async>\n4. " + P.format(6) + "<async>fourth and last</async>",
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from pastalm.engine.vllm import load_vllm
+
+    d = tmp_path_factory.mktemp("tiny-vllm")
+    tiny_model("llama", head_dim=32).save_pretrained(d)  # vLLM's CPU attention needs a head dim >= 32
+    tiny_tokenizer().save_pretrained(d)
+    m = load(str(d), "fp32", "none")
+    return Engine(m.model, m.tokenizer, m.name), load_vllm(str(d), "fp32", "none")
+
+
+@pytest.mark.parametrize("chunks", sorted(REPLAYS))
+def test_forced_replay_matches_the_hf_backend(engines, chunks):
+    hf, vl = engines
+    ids = chat_prompt(hf.tokenizer, "Tell me some things.")
+    cfg = GenerateConfig(layout="linear", record_logits=True, max_new_tokens=300)
+    a, b = hf.generate(ids, cfg, force=REPLAYS[chunks]), vl.generate(ids, cfg, force=REPLAYS[chunks])
+    assert a.raw == b.raw == REPLAYS[chunks] and a.threads == b.threads == chunks
+    assert a.token_ids == b.token_ids
+    assert len(b.logits) >= sum(len(t) for t in b.token_ids) - 3 * chunks  # a record at (almost) every token
+    for key, top in b.logits.items():  # vLLM's top-5 log-probabilities against the HF logits at the same token
+        ref = a.logits[key].log_softmax(-1)
+        best = max(top, key=top.get)
+        assert best == int(ref.argmax()), key
+        for tok, lp in top.items():
+            assert abs(lp - float(ref[tok])) < 1e-4, (key, tok)
+
+
+def test_greedy_free_decoding_matches_the_hf_backend(engines):
+    hf, vl = engines
+    for prompt in ("Tell me some things.", "A short poem about the moon", "Steps: first"):
+        ids = chat_prompt(hf.tokenizer, prompt)
+        cfg = GenerateConfig(layout="linear", max_new_tokens=60)
+        a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
+        assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_vllm_refuses_the_reserve_layout(engines):
+    _, vl = engines
+    with pytest.raises(ValueError, match="linear"):
+        vl.generate(chat_prompt(vl.tokenizer, "hi"), GenerateConfig(layout="reserve"))
+
+
+def test_batched_requests_free_every_vllm_request(engines):
+    """Three requests in one batcher, one cancelled half-way: the others give what they give alone, and vLLM holds
+    no request afterwards."""
+    _, vl = engines
+    cfg = GenerateConfig(layout="linear", max_new_tokens=40)
+    prompts = [chat_prompt(vl.tokenizer, p) for p in ("one", "two things", "three things please")]
+    alone = [vl.generate(ids, cfg) for ids in prompts]
+    b = vl.batcher()
+    reqs = [b.add(ids, cfg) for ids in prompts]
+    for _ in range(5):
+        b.step()
+    b.cancel(reqs[1])
+    while b.active:
+        b.step()
+    assert reqs[1].result.limits_hit == ["cancelled"]
+    assert [reqs[0].result.token_ids, reqs[2].result.token_ids] == [alone[0].token_ids, alone[2].token_ids]
+    assert vl.vllm_counts() in ({"vllm_running": 0, "vllm_waiting": 0}, {"vllm_unfinished": 0})
+
+
+@pytest.mark.slow
+def test_shipped_adapter_greedy_matches_the_hf_backend():
+    """The bundled model with the shipped adapter, fp32: the same answer token for token on both backends."""
+    from pastalm.engine.vllm import load_vllm
+
+    m = load(None, "fp32", "pasta")
+    hf = Engine(m.model, m.tokenizer, m.name)
+    vl = load_vllm(None, "fp32", "pasta")
+    for prompt in ("Give three tips to sleep better.", "Name four planets and one fact about each."):
+        ids = chat_prompt(m.tokenizer, prompt)
+        cfg = GenerateConfig(layout="linear", max_new_tokens=200)
+        a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
+        assert a.threads >= 2 and a.token_ids == b.token_ids and a.text == b.text

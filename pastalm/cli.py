@@ -10,11 +10,15 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
+import time
+
+_STARTED = time.perf_counter()  # the command's own clock: `pasta generate` reports its first text against it
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from .settings import int_at_least
 
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _modelflags(g)
     g.add_argument("--force", type=Path, help="replay the annotated answer in this file instead of sampling")
     g.add_argument("--raw", action="store_true", help="print the annotated (serialized) form")
-    g.add_argument("--stream", action="store_true", help="print the answer as it is decoded, in reading order")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the answer as it is decoded, in reading order (on; --no-stream prints it at the end)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt with text and measures")
     add_flags(g, GenerateConfig)
     _train_parsers(sub)
@@ -339,24 +344,35 @@ def generate(args) -> int:
     settings = _model_settings(args)
     engine = settings.engine()
     engine.check(cfg)
+    first: list[float] = []
     for prompt in prompts:
         ids = chat_prompt(engine.tokenizer, prompt, args.system)
-        on_text = None
-        if args.stream and not args.json and not args.raw:
-            on_text = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
+        stream = args.stream and not args.json and not args.raw
+
+        def on_text(s: str) -> None:
+            if not first:
+                first.append(time.perf_counter() - _STARTED)
+            if stream:
+                sys.stdout.write(s)
+                sys.stdout.flush()
+
         res = engine.generate(ids, cfg, force=force, on_text=on_text)
+        stream_done = stream
         if args.json:
             d = res.to_json()
             d["dtype"] = settings.dtype
             d["backend"] = engine.backend
             print(json.dumps(d, ensure_ascii=False), flush=True)
             continue
-        if on_text is None:
+        if not stream_done:
             print(res.raw if args.raw else res.text, flush=True)
         else:
             print(flush=True)
+        shown = f", first text {first[0]:.2f} s after start" if first and len(first) == 1 and stream else ""
+        first.append(0.0)  # later prompts: not measured from the start
         print(f"[{res.mode}] {res.tokens} tokens + {res.tag_tokens} tag tokens, {res.threads} threads, "
               f"{res.decode_steps} steps, theoretical speedup {res.theoretical_speedup:.2f}x, {res.wall_s:.2f} s"
+              + shown
               + (f", limits hit: {', '.join(res.limits_hit)}" if res.limits_hit else ""), file=sys.stderr)
     return 0
 

@@ -56,9 +56,10 @@ class local_server:
     """Serve an ASGI app (e.g. FastAPI) on 127.0.0.1 in a background thread, for tests that speak real HTTP:
     `with local_server(app) as base_url: ...` (needs uvicorn, in the `test` extra)."""
 
-    def __init__(self, app, timeout: float = 10.0):
+    def __init__(self, app, timeout: float = 10.0, lifespan: str = "off"):
         self.app = app
         self.timeout = timeout
+        self.lifespan = lifespan  # "on" runs the app's start-up and shutdown (pasta serve's scheduler thread)
 
     def __enter__(self) -> str:
         import socket
@@ -71,7 +72,7 @@ class local_server:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan=self.lifespan))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.timeout

@@ -97,3 +97,51 @@ def test_shipped_adapter_greedy_matches_the_hf_backend():
         cfg = GenerateConfig(layout="linear", max_new_tokens=200)
         a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
         assert a.threads >= 2 and a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_serve_on_vllm_streams_and_frees_everything_on_disconnect(engines):
+    """`pasta serve --backend vllm` in miniature: the app on the vLLM engine over real HTTP, streamed clients at once
+    (each gets what `generate` gives alone), one that disconnects early; then vLLM holds nothing."""
+    import json
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from pastalm.serve.app import ServeConfig, create_app
+    from pastalm.testing import local_server
+
+    _, vl = engines
+    cfg = ServeConfig(model_id="tiny", defaults=GenerateConfig(layout="linear", max_new_tokens=30))
+    prompts = ["one", "two things", "three things please", "a short poem"]
+    want = [vl.generate(chat_prompt(vl.tokenizer, p), cfg.defaults).text for p in prompts]
+    app = create_app(vl, cfg)
+    with local_server(app, timeout=60, lifespan="on") as base:
+        c = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def streamed(p: str) -> str:
+            out = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], stream=True)
+            return "".join(ch.choices[0].delta.content or "" for ch in out if ch.choices)
+
+        def dropped() -> None:
+            s = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a story."}],
+                                          stream=True, max_tokens=200, extra_body={"ignore_eos": True})
+            for i, _ in enumerate(s):
+                if i == 3:
+                    break
+            s.close()
+
+        with ThreadPoolExecutor(5) as pool:
+            drop = pool.submit(dropped)
+            got = list(pool.map(streamed, prompts))
+            drop.result()
+        assert got == want
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(base + "/health") as r:
+                h = json.loads(r.read())
+            if h["running"] == 0 and h["queued"] == 0 and h.get("vllm_running") == 0 and h.get("vllm_waiting") == 0:
+                break
+            assert time.monotonic() < deadline, h
+            time.sleep(0.05)

@@ -275,7 +275,12 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 kw["repeat_guard"] = body.pasta.repeat_guard
             if body.pasta.block_guard is not None:
                 kw["block_guard"] = body.pasta.block_guard
-        return replace(c, **kw)
+        try:
+            config = replace(c, **kw)
+            engine.check(config)
+        except ValueError as e:  # e.g. a reserve scale on the linear layout, which the vLLM backend decodes
+            raise APIError(400, str(e), param="pasta") from None
+        return config
 
     def _check_prompt(ids: list[int]) -> None:
         if len(ids) > cfg.max_prompt_tokens:

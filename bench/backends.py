@@ -1,0 +1,176 @@
+"""Backend benchmark: PASTA and sequential decoding on the transformers (hf) and vLLM backends, side by side.
+
+Runs in the vLLM environment (`scripts/setup.sh --vllm`; `.venv-vllm/bin/python bench/backends.py`), on the
+bundled model by default, over the parallelizable evaluation prompts. Modes, all greedy, the same settings
+(--max-new-tokens, bf16, the linear layout for PASTA):
+
+- `hf-seq`, `vllm-seq`: the sequential baseline (the shipped baseline adapter, as `pasta eval`'s sequential mode),
+  through pastalm's step loop;
+- `hf-pasta`, `vllm-pasta`: the shipped PASTA adapter, asynchronous decoding;
+- `vllm-native`: vLLM's own decoding of the baseline adapter (one request, no pastalm loop): what the loop costs.
+
+Every prompt runs in every mode once per repetition (modes interleaved, the order rotated per prompt); a prompt's
+number per mode is the median over repetitions of rendered tokens per second (tags excluded) and the table gives
+geometric means of per-prompt ratios. Results append to a JSONL file as they land, so a rerun resumes. Prints a
+table, writes JSON, and the section of docs/benchmarks.md between its markers with --doc. On a GPU machine the
+same script runs unchanged (vLLM picks the GPU; the hf backend follows PASTA_DEVICE=cuda).
+
+    .venv-vllm/bin/python bench/backends.py [--per-category 3] [--reps 3] [--max-new-tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pastalm.eval.speed import machine, stratified, timestamp  # noqa: E402
+from pastalm.train.prompts import load_prompts  # noqa: E402
+
+BEGIN, END = "<!-- backends:begin -->", "<!-- backends:end -->"
+MODES = ("hf-seq", "hf-pasta", "vllm-seq", "vllm-pasta", "vllm-native")
+RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("vllm-seq", "hf-seq"),
+          ("vllm-seq", "vllm-native")]
+
+
+def gmean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0 and math.isfinite(x)]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def native(vl, ids: list[int], max_new: int) -> dict:
+    """vLLM's own greedy decoding of one prompt (stop at the engine's stop ids), timed like the others."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    rid = f"native-{time.perf_counter_ns()}"
+    vl.llm.add_request(rid, TokensPrompt(prompt_token_ids=ids),
+                       SamplingParams(max_tokens=max_new, temperature=0.0, stop_token_ids=sorted(vl.stop_ids),
+                                      ignore_eos=True))
+    out = None
+    while vl.llm.has_unfinished_requests():
+        for o in vl.llm.step():
+            if o.request_id == rid and o.finished:
+                out = o
+    wall = time.perf_counter() - t0
+    toks = [t for t in out.outputs[0].token_ids if t not in vl.stop_ids]
+    return {"tokens": len(toks), "wall_s": wall, "text": vl.tokenizer.decode(toks), "threads": 0}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-category", type=int, default=3, help="eval prompts per category (parallelizable kept)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "backends.jsonl")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backends.json")
+    ap.add_argument("--doc", type=Path, help="update this markdown file's section between the markers")
+    args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+
+    from pastalm.engine import Engine, GenerateConfig
+    from pastalm.engine.vllm import load_vllm
+    from pastalm.models import chat_prompt, load
+
+    prompts = [p for p in stratified(load_prompts("eval"), args.per_category) if p.get("parallel")]
+    done: dict[tuple, dict] = {}
+    if args.out.is_file():
+        for line in args.out.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["rep"], r["id"], r["mode"])] = r
+    engines = {}
+    if any(m.startswith("hf") for m in modes):
+        for adapter in ("baseline", "pasta"):
+            m = load(None, args.dtype, adapter)
+            engines[("hf", adapter)] = Engine(m.model, m.tokenizer, m.name)
+    if any(m.startswith("vllm") for m in modes):
+        for adapter in ("baseline", "pasta"):
+            engines[("vllm", adapter)] = load_vllm(None, args.dtype, adapter)
+    tok = next(iter(engines.values())).tokenizer
+    seq = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear", sequential=True)
+    pasta = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")
+
+    def run(mode: str, ids: list[int]) -> dict:
+        backend, kind = mode.split("-")
+        if kind == "native":
+            return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
+        eng = engines[(backend, "pasta" if kind == "pasta" else "baseline")]
+        r = eng.generate(ids, pasta if kind == "pasta" else seq)
+        return {"tokens": r.tokens, "wall_s": r.wall_s, "text": r.text, "threads": r.threads,
+                "steps": r.decode_steps}
+
+    # warm-up: one answer per mode
+    warm = chat_prompt(tok, "Give two tips to stay focused.")
+    for m in modes:
+        run(m, warm)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for rep in range(args.reps):
+            for i, p in enumerate(prompts):
+                ids = chat_prompt(tok, p["prompt"])
+                order = modes[i % len(modes):] + modes[: i % len(modes)]
+                for m in order:
+                    if (rep, p["id"], m) in done:
+                        continue
+                    r = {"rep": rep, "id": p["id"], "mode": m, **run(m, ids)}
+                    r["tok_s"] = r["tokens"] / r["wall_s"] if r["wall_s"] > 0 else 0.0
+                    done[(rep, p["id"], m)] = r
+                    f.write(json.dumps(r) + "\n")
+                    f.flush()
+                print(f"rep {rep + 1}/{args.reps}, prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
+
+    per = {m: {} for m in modes}  # mode -> prompt id -> median tok/s
+    for m in modes:
+        for p in prompts:
+            xs = [done[(r, p["id"], m)]["tok_s"] for r in range(args.reps) if (r, p["id"], m) in done]
+            if xs:
+                per[m][p["id"]] = statistics.median(xs)
+    rows = []
+    for a, b in RATIOS:
+        if a in per and b in per:
+            common = [k for k in per[a] if k in per[b]]
+            rows.append({"ratio": f"{a} / {b}", "prompts": len(common),
+                         "gmean": gmean([per[a][k] / per[b][k] for k in common])})
+    table = {m: {"prompts": len(per[m]), "median_tok_s": statistics.median(per[m].values()) if per[m] else None,
+                 "median_tokens": statistics.median(done[(0, k, m)]["tokens"] for k in per[m])
+                 if per[m] and all((0, k, m) in done for k in per[m]) else None}
+             for m in modes}
+    summary = {"when": timestamp(), "machine": machine(), "settings": vars(args) | {"out": str(args.out),
+               "json": str(args.json), "doc": str(args.doc)}, "modes": table, "ratios": rows}
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    lines = ["| mode | prompts | rendered tok/s (median) | rendered tokens (median) |", "|---|---|---|---|"]
+    for m, t in table.items():
+        lines.append(f"| {m} | {t['prompts']} | {t['median_tok_s']:.1f} | {t['median_tokens']} |")
+    lines += ["", "| ratio (geomean over prompts of medians of rendered tok/s) | prompts | value |", "|---|---|---|"]
+    lines += [f"| {r['ratio']} | {r['prompts']} | {r['gmean']:.2f}x |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.doc is not None:
+        doc = args.doc.read_text()
+        mach = summary["machine"]
+        where = f"{mach['processor']} ({mach['threads']} torch threads), torch {mach['torch']}"
+        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `.venv-vllm/bin/python bench/backends.py "
+                 f"--per-category {args.per_category} --reps {args.reps} --max-new-tokens {args.max_new_tokens} "
+                 f"--dtype {args.dtype}`, {len(prompts)} parallelizable eval prompts.\n\n{text}\n{END}")
+        if BEGIN in doc:
+            doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+        else:
+            doc += "\n" + block + "\n"
+        args.doc.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()

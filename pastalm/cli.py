@@ -152,7 +152,7 @@ def _train_parsers(sub) -> None:
     s.add_argument("--lora-r", type=positive_int, default=16)
     s.add_argument("--lora-top", type=positive_int,
                    help="LoRA on the top N layers only (default: all); halves a CPU step for half the layers")
-    add_flags(s, GenerateConfig, only=["reserve_scale"], defaults={"reserve_scale": 1.0})
+    add_flags(s, GenerateConfig, only=["reserve_scale", "layout"], defaults={"reserve_scale": 1.0})
     s.add_argument("--save-steps", type=positive_int, default=50)
     add_flags(s, PromptSettings, only=["limit"])
     s.add_argument("--tag-weight", type=nonneg_float, default=1.0,
@@ -284,7 +284,8 @@ def train(args) -> int:
                     epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                     lora_top=args.lora_top,
-                    max_length=args.max_length, reserve_scale=args.reserve_scale, save_steps=args.save_steps,
+                    max_length=args.max_length, reserve_scale=args.reserve_scale, layout=args.layout,
+                    save_steps=args.save_steps,
                     seed=args.seed, limit=args.limit, system=args.system,
                     skip_truncated=args.skip_truncated, tag_weight=args.tag_weight,
                     init_adapter=args.init_adapter)

@@ -117,3 +117,41 @@ def test_linear_layout_refuses_a_reserve_scale():
         GenerateConfig(layout="linear", reserve_scale=1.0)
     with pytest.raises(ValueError, match="layout must be one of"):
         GenerateConfig(layout="diagonal")
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+def test_linear_training_examples_are_the_same_contexts(model, tokenizer, name):
+    """Training in the linear layout (`layout_examples`: one example per re-laid sync): every labelled token sees
+    exactly one of the contexts the definition gives, at positions 0..n-1, its logits in the example's full forward
+    equal a plain forward of that context, and its label is that context's next token (or EOS at the end)."""
+    from pastalm.engine.reference import layout_forward, layout_mask
+    from pastalm.lang import ReservePolicy, tokenize_segments
+    from pastalm.lang.layout import IGNORE, layout_examples
+
+    tok = tokenizer
+    prompt_ids = chat_prompt(tok, "Tell me two things.")
+    ref = linear_contexts(tok, prompt_ids, ANSWERS[name])
+    contexts = {tuple(c) for c in ref.values()}
+    sync_last = tok.encode("<sync/>", add_special_tokens=False)[-1]
+    policy = ReservePolicy.for_tokenizer(tok, layout="linear")
+    examples = layout_examples(prompt_ids, tokenize_segments(tok, ANSWERS[name]), policy, tok.eos_token_id)
+    assert len(examples) == 1 + {"sync_mid": 1, "two_syncs": 2}.get(name, 0)
+    labelled = 0
+    for seq in examples:
+        logits = layout_forward(model, seq)
+        allowed = layout_mask(seq)[0, 0] == 0
+        for i, label in enumerate(seq.labels):
+            if label == IGNORE:
+                continue
+            seen = sorted(allowed[i].nonzero().flatten().tolist(), key=lambda j: seq.positions[j])
+            ctx = tuple(seq.input_ids[j] for j in seen)
+            assert ctx in contexts and [seq.positions[j] for j in seen] == list(range(len(seen)))
+            # the next token of the same thread; the token before a sync's last one predicts it in main's own
+            # context, though that last token itself is then fed in the re-laid one
+            assert label in (tok.eos_token_id, sync_last) or ctx + (label,) in contexts
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([list(ctx)])).logits[0, -1]
+            assert torch.allclose(logits[i], want, atol=1e-4)
+            labelled += 1
+    answer_tokens = len(tok.encode(ANSWERS[name].replace("<async>", ""), add_special_tokens=False))
+    assert labelled >= answer_tokens // 2  # most of the answer is trained (tags and text)

@@ -345,7 +345,7 @@ def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
 
     policy = ReservePolicy.for_tokenizer(tokenizer, 1.0)
     ann = check(StructuralAnnotator().annotate("tips", LIST_ANSWER), LIST_ANSWER, tokenizer).annotated
-    seq, w = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id, tag_weight=3.0)
+    seq, w = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id, tag_weight=3.0)[0]
     # Every weighted position predicts a tag token of its own thread; every tag token (but <async>) is predicted.
     tag_ids = set()
     for s in segments(ann):
@@ -356,7 +356,7 @@ def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
     n_tag = sum(len(tokenizer.encode(s.text, add_special_tokens=False)) for s in segments(ann)
                 if s.kind in ("promise", "close", "sync"))
     assert len(weighted) == n_tag
-    plain, w1 = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id)
+    plain, w1 = build_weighted(tokenizer, "Tips?", ann, policy, tokenizer.eos_token_id)[0]
     assert plain.labels == seq.labels and set(w1) == {1.0}
     logits = torch.randn(1, len(seq.labels), len(tokenizer))
     labels = torch.tensor([seq.labels])

@@ -245,6 +245,35 @@ def layout_segments(
     return out
 
 
+def layout_examples(
+    prompt_ids: list[int],
+    segs: list[tuple[Segment, list[int]]],
+    policy: ReservePolicy = ReservePolicy(),
+    eos_id: int | None = None,
+) -> list[SequenceLayout]:
+    """The training examples of one annotated answer in the policy's layout. The reserve layout gives one
+    (`layout_segments`). The linear layout gives one per re-laid sync (docs/spec.md LL2) plus one for the rest: an
+    example ends with a sync that joined blocks (its last token predicts nothing there), and the next one's prompt is
+    everything so far in reading order, whose last token (the sync's) predicts main's next token, or EOS when the
+    answer ends with that sync."""
+    if not policy.linear:
+        return [layout_segments(prompt_ids, segs, policy, eos_id)]
+    out: list[SequenceLayout] = []
+    prefix, piece, forked = list(prompt_ids), [], False
+    for seg, ids in segs:
+        piece.append((seg, ids))
+        forked = forked or seg.kind == PROMISE
+        if seg.kind == SYNC_KIND and forked:
+            out.append(layout_segments(prefix, piece, policy, None))
+            prefix = prefix + [i for _, part in piece for i in part]
+            piece, forked = [], False
+    last = layout_segments(prefix, piece, policy, eos_id)
+    if not piece and eos_id is not None and out:
+        last.labels[-1] = eos_id  # the answer ends with the sync
+    out.append(last)
+    return out
+
+
 def tokenize_segments(tokenizer, annotated: str) -> list[tuple[Segment, list[int]]]:
     """Tokenize an annotated answer segment by segment (never across a tag boundary)."""
     return [(s, list(tokenizer.encode(s.text, add_special_tokens=False))) for s in segments(annotated)]

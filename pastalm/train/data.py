@@ -15,36 +15,46 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.reference import layout_mask
-from ..lang.layout import IGNORE, ReservePolicy, SequenceLayout, layout_segments, tokenize_segments
+from ..lang.layout import IGNORE, ReservePolicy, SequenceLayout, layout_examples, tokenize_segments
 from ..lang.render import CLOSE, PROMISE, SYNC_KIND, render
 from ..models import chat_prompt
 
 
 def build_example(tokenizer, prompt: str, annotated: str, policy: ReservePolicy, eos_id: int,
                   system: str | None = None, sequential: bool = False) -> SequenceLayout:
-    """Layout of one training example; with `sequential`, the answer's tags are removed first (baseline)."""
-    return build_weighted(tokenizer, prompt, annotated, policy, eos_id, system, sequential)[0]
+    """Layout of one training example (reserve layout); with `sequential`, the answer's tags are removed first."""
+    if policy.linear:
+        raise ValueError("build_example lays out one sequence; the linear layout splits an answer at its syncs: "
+                         "use build_weighted")
+    return build_weighted(tokenizer, prompt, annotated, policy, eos_id, system, sequential)[0][0]
 
 
 def build_weighted(tokenizer, prompt: str, annotated: str, policy: ReservePolicy, eos_id: int,
                    system: str | None = None, sequential: bool = False,
-                   tag_weight: float = 1.0) -> tuple[SequenceLayout, list[float]]:
-    """The layout plus a loss weight per token: `tag_weight` where the token it is trained to predict belongs
-    to a tag (promise, `</async>`, `<sync/>`), 1 elsewhere. Tags are a small share of an answer's tokens but
-    carry every decision the interpreter acts on, so weighting them up teaches the format in fewer steps."""
+                   tag_weight: float = 1.0) -> list[tuple[SequenceLayout, list[float]]]:
+    """The examples of one answer (one, or one per re-laid sync in the linear layout: `layout_examples`), each with
+    a loss weight per token: `tag_weight` where the token it is trained to predict belongs to a tag (promise,
+    `</async>`, `<sync/>`), 1 elsewhere. Tags are a small share of an answer's tokens but carry every decision the
+    interpreter acts on, so weighting them up teaches the format in fewer steps."""
     text = render(annotated) if sequential else annotated
     prompt_ids = chat_prompt(tokenizer, prompt, system)
     segs = tokenize_segments(tokenizer, text)
-    seq = layout_segments(prompt_ids, segs, policy, eos_id)
-    is_tag = [False] * len(prompt_ids) + [s.kind in (PROMISE, CLOSE, SYNC_KIND) for s, ids in segs for _ in ids]
-    weights = [1.0] * len(seq.input_ids)
-    if tag_weight != 1.0:
-        last_of: dict[int, int] = {}
-        for i, t in enumerate(seq.thread):  # token i is the target of the previous token of its thread
-            if t in last_of and is_tag[i]:
-                weights[last_of[t]] = tag_weight
-            last_of[t] = i
-    return seq, weights
+    tags = [s.kind in (PROMISE, CLOSE, SYNC_KIND) for s, ids in segs for _ in ids]
+    out = []
+    done = 0  # answer tokens laid out before this example's own
+    for seq in layout_examples(prompt_ids, segs, policy, eos_id):
+        own = len(seq.input_ids) - len(prompt_ids) - done  # this example's answer tokens, after its prompt
+        is_tag = [False] * (len(seq.input_ids) - own) + tags[done:done + own]
+        done += own
+        weights = [1.0] * len(seq.input_ids)
+        if tag_weight != 1.0:
+            last_of: dict[int, int] = {}
+            for i, t in enumerate(seq.thread):  # token i is the target of the previous token of its thread
+                if t in last_of and is_tag[i]:
+                    weights[last_of[t]] = tag_weight
+                last_of[t] = i
+        out.append((seq, weights))
+    return out
 
 
 class LayoutDataset(torch.utils.data.Dataset):

@@ -44,6 +44,7 @@ class SFTConfig:
     warmup_ratio: float = 0.05
     max_length: int = 640  # examples longer than this (prompt + answer tokens) are skipped and counted
     reserve_scale: float = 1.0
+    layout: str = "reserve"  # "linear": the layout vLLM runs (docs/spec.md section 3): scale 0, one example per re-laid sync
     seed: int = 0
     save_steps: int = 50
     logging_steps: int = 5
@@ -65,15 +66,16 @@ def build_dataset(tokenizer, rows: list[dict], cfg: SFTConfig, policy: ReservePo
     layouts, weights, skipped = [], [], 0
     for i, r in enumerate(rows):
         try:
-            seq, w = build_weighted(tokenizer, r["prompt"], r["annotated"], policy, eos_id, cfg.system,
-                                    cfg.sequential, cfg.tag_weight)
+            examples = build_weighted(tokenizer, r["prompt"], r["annotated"], policy, eos_id, cfg.system,
+                                      cfg.sequential, cfg.tag_weight)
         except ValueError as e:
             raise DataError(f"{cfg.data}: record {i + 1} ({r.get('id', '?')}): {e}") from e
-        if len(seq.input_ids) > cfg.max_length:
+        if any(len(seq.input_ids) > cfg.max_length for seq, _ in examples):
             skipped += 1
             continue
-        layouts.append(seq)
-        weights.append(w)
+        for seq, w in examples:
+            layouts.append(seq)
+            weights.append(w)
     if not layouts:
         raise DataError(f"{cfg.data}: no example fits --max-length {cfg.max_length}")
     return LayoutDataset(layouts, weights), skipped
@@ -95,7 +97,7 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale)
+    policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     eos_id = tokenizer.eos_token_id
     rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)

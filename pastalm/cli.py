@@ -23,10 +23,14 @@ from pathlib import Path  # noqa: E402
 from .settings import int_at_least
 
 
-def _modelflags(parser, only=None, defaults=None, helps=None):
+def _output_flag(parser, help: str) -> None:
+    parser.add_argument("--output", type=Path, required=True, help=help)
+
+
+def _modelflags(parser, only=None, defaults=None, helps=None, skip=("baseline_adapter",)):
     from .settings import ModelSettings, add_flags
 
-    return add_flags(parser, ModelSettings, only=only, defaults=defaults, helps=helps)
+    return add_flags(parser, ModelSettings, only=only, skip=skip, defaults=defaults, helps=helps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,12 +85,9 @@ def _eval_parser(sub) -> None:
                    help="comma-separated: sequential, pasta, sot, reference (the base model: the proxy judges every "
                         "mode against it), sample (a sampled second sequential answer: the proxy's noise floor)")
     e.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes)")
-    _modelflags(e, helps={"adapter": "adapter of the pasta mode (as in `pasta generate`); several, comma-separated "
+    _modelflags(e, skip=(), helps={"adapter": "adapter of the pasta mode (as in `pasta generate`); several, comma-separated "
                           "as LABEL=ADAPTER, give one mode pasta:LABEL each (a frontier in one run); "
                           "LABEL=ADAPTER?layout=linear&max_threads=4 changes that mode's decoding settings"})
-    e.add_argument("--baseline-adapter", default="auto",
-                   help="adapter of the sequential and sot modes: 'auto' (the shipped baseline adapter on the "
-                        "bundled model, none on others), 'baseline', 'none' or a folder")
     e.add_argument("--reference-adapter", default="none",
                    help="adapter of the reference mode (default: none, the base model the adapters were trained on)")
     e.add_argument("--judge", default="proxy", choices=["proxy", "openai", "hf", "none"],
@@ -112,7 +113,7 @@ def _train_parsers(sub) -> None:
 
     a = sub.add_parser("answers", help="the base model's greedy answers to a prompt set (batched, resumable)")
     add_flags(a, PromptSettings, only=["prompts", "limit"], defaults={"prompts": "train"})
-    a.add_argument("--output", type=Path, required=True, help="JSONL to append answers to (rerun to resume)")
+    _output_flag(a, "JSONL to append answers to (rerun to resume)")
     _modelflags(a, only=["model", "adapter", "dtype", "system"], defaults={"adapter": "none"},
                 helps={"adapter": "adapter to apply first (default: none, the base model)"})
     a.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")
@@ -122,7 +123,7 @@ def _train_parsers(sub) -> None:
 
     n = sub.add_parser("annotate", help="annotate answers in PASTA-LANG and keep only exact annotations")
     n.add_argument("input", type=Path, help="JSONL with 'prompt' and 'answer' (from `pasta answers`)")
-    n.add_argument("--output", type=Path, required=True, help="JSONL of kept records with 'annotated'")
+    _output_flag(n, "JSONL of kept records with 'annotated'")
     n.add_argument("--annotator", default="structural", choices=["structural", "teacher"])
     n.add_argument("--scheme", default="v2", choices=["v2", "v3", "v1"],
                    help="structural annotation scheme (docs/spec.md): v2 keeps each item's marker, header and the "
@@ -139,7 +140,7 @@ def _train_parsers(sub) -> None:
     tsub = t.add_subparsers(dest="stage", required=True)
     s = tsub.add_parser("sft", help="stage 1: supervised fine-tuning with the layout's mask, positions, labels")
     s.add_argument("data", type=Path, help="JSONL with 'prompt' and 'annotated' (from `pasta annotate`)")
-    s.add_argument("--output", type=Path, required=True, help="output folder (adapter, checkpoints, summary)")
+    _output_flag(s, "output folder (adapter, checkpoints, summary)")
     s.add_argument("--sequential", action="store_true",
                    help="train the sequential baseline: the same answers with their tags removed")
     s.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -166,11 +167,10 @@ def _train_parsers(sub) -> None:
                    help="the PASTA adapter to start from: a folder from `pasta train sft` (or from an earlier "
                    "`pasta train prefer`), 'pasta' (the shipped v3 stage-2 adapter), 'pasta-v2' (the v2 SFT one), "
                    "'pasta-stage1' (the v1 SFT adapter) or 'pasta-v1' (the v1 stage-2 one)")
-    f.add_argument("--output", type=Path, required=True, help="folder for samples, pairs, adapters, statistics")
+    _output_flag(f, "folder for samples, pairs, adapters, statistics")
     add_flags(f, PromptSettings, defaults={"prompts": "train"})
-    f.add_argument("--baseline-adapter", default="baseline",
-                   help="model of the sequential reference answers (the quality reference)")
-    _modelflags(f, only=["model", "dtype", "system"], helps={"model": "base model (default: bundled SmolLM2)"})
+    _modelflags(f, only=["model", "dtype", "system", "baseline_adapter"], skip=(),
+                helps={"model": "base model (default: bundled SmolLM2)"})
     f.add_argument("--samples", type=int_at_least(2), default=4, help="answers sampled per prompt")
     f.add_argument("--lambdas", default="1,2,4,8,inf", help="speed/quality knobs: score = speedup + lambda*quality")
     f.add_argument("--rounds", type=positive_int, default=1, help="rounds; each samples with the newest model")
@@ -190,6 +190,15 @@ def _train_parsers(sub) -> None:
     add_flags(f, TrainSettings, defaults=defaults_of(PreferConfig, ["epochs", "batch_size", "grad_accum", "lr",
                                                                     "max_length", "seed"]),
               helps={"batch_size": "pairs per micro-batch"})
+
+
+def _baseline(adapter: str, model: str | None) -> str:
+    """--baseline-adapter 'auto': the shipped baseline adapter on the bundled model, none on others."""
+    from .models import resolve_adapter
+
+    if adapter != "auto":
+        return adapter
+    return "baseline" if resolve_adapter("auto", model) is not None else "none"
 
 
 def _decoding_config(args, sequential: bool = False):
@@ -261,7 +270,7 @@ def prefer(args) -> int:
     if args.beta <= 0:
         raise ValueError("--beta must be > 0")
     cfg = PreferConfig(output=str(args.output), from_adapter=args.from_adapter, prompts=args.prompts,
-                       baseline_adapter=args.baseline_adapter, model=args.model, dtype=args.dtype,
+                       baseline_adapter=_baseline(args.baseline_adapter, args.model), model=args.model, dtype=args.dtype,
                        samples=args.samples, lambdas=_lambdas(args.lambdas), rounds=args.rounds, judge="proxy",
                        temperature=args.temperature, top_p=args.top_p,
                        greedy_candidate=args.greedy_candidate, max_new_tokens=args.max_new_tokens,
@@ -467,9 +476,7 @@ def evaluate(args) -> int:
         if settings.backend == "vllm" and (options.get(mode, {}).get("layout", cfg.generate.layout) != "linear"):
             raise ValueError(f"--backend vllm decodes the linear layout only; pass --layout linear (mode {mode})")
     judge = _judge(args)
-    base_adapter = args.baseline_adapter
-    if base_adapter == "auto":
-        base_adapter = "baseline" if resolve_adapter("auto", args.model) is not None else "none"
+    base_adapter = _baseline(args.baseline_adapter, args.model)
     wanted = {"sequential": base_adapter, "sot": base_adapter, "sample": base_adapter,
               "reference": args.reference_adapter}
     if len(adapters) == 1:

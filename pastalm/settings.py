@@ -128,6 +128,9 @@ class ModelSettings:
     dtype: str = opt("bf16", "weights and compute dtype", choices=("bf16", "fp32"))
     adapter: str = opt("auto", ADAPTER_HELP)
     system: str | None = opt(None, "system message for the chat template")
+    baseline_adapter: str = opt("auto", "adapter of the sequential reference (pasta eval's sequential and sot modes, "
+                                "stage 2's quality reference): 'auto' (the shipped baseline adapter on the bundled "
+                                "model, none on others), 'baseline', 'none' or a folder")
     backend: str = opt("hf", "decoding backend: 'hf' (transformers, in this process) or 'vllm' (stock vLLM; needs "
                        "`scripts/setup.sh --vllm`; linear layout only)", choices=BACKENDS)
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per model replica (tensor parallelism)", type=positive_int)

@@ -136,3 +136,48 @@ def test_bad_adapter_is_one_clear_line(folder, adapter, message, capsys):
     assert main(["generate", "hi", "--model", str(folder), "--adapter", adapter]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+def test_every_flag_is_declared_once_and_shared_flags_agree():
+    """Settings are declared once (pastalm/settings.py, GenerateConfig): the CLI's source names no flag twice, and a
+    flag that several commands share has the same default and parser everywhere, unless a command documents its own
+    default (`pasta answers` decodes 320 tokens; the training stages have their own optimizer defaults)."""
+    import inspect
+    import re
+
+    import pastalm.cli as cli
+    from pastalm.engine import GenerateConfig
+
+    declared = re.findall(r'add_argument\(\s*"(--[\w-]+)"', inspect.getsource(cli))
+    assert len(declared) == len(set(declared)), sorted({d for d in declared if declared.count(d) > 1})
+    own_defaults = {("answers", "max_new_tokens"), ("train prefer", "max_new_tokens"), ("train prefer", "temperature"),
+                    ("train prefer", "top_p"), ("answers", "adapter"), ("train sft", "reserve_scale"),
+                    ("answers", "prompts"), ("eval", "prompts"), ("train prefer", "prompts")}
+    seen: dict[str, tuple] = {}
+    for name, sub in _subparsers(cli.build_parser()):
+        for a in sub._actions:
+            if not a.option_strings or a.dest == "help" or (name, a.dest) in own_defaults:
+                continue
+            if name.startswith("train") and a.dest in ("epochs", "batch_size", "grad_accum", "lr", "max_length", "seed"):
+                continue  # each stage's config gives its own defaults (SFTConfig, PreferConfig)
+            key = (a.default, getattr(a.type, "__name__", a.type), tuple(a.choices or ()))
+            assert seen.setdefault(a.dest, key) == key, (name, a.dest, seen[a.dest], key)
+    for f in ("max_new_tokens", "temperature", "layout", "reserve_scale", "max_threads"):  # one source of defaults
+        assert seen[f][0] == getattr(GenerateConfig(), f)
+    assert seen["backend"][0] == "hf" and seen["model"][0] is None
+
+
+def test_vllm_backend_without_vllm_or_with_the_reserve_layout_is_one_clear_line(folder, capsys):
+    assert main(["generate", "hi", "--model", str(folder), "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("linear" in err[0] or "setup.sh --vllm" in err[0])

@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--adapter", default="pasta", help="the PASTA adapter (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "backends.jsonl")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backends.json")
     ap.add_argument("--doc", type=Path, help="update this markdown file's section between the markers")
@@ -93,12 +94,12 @@ def main(argv=None) -> None:
             done[(r["rep"], r["id"], r["mode"])] = r
     engines = {}
     if any(m.startswith("hf") for m in modes):
-        for adapter in ("baseline", "pasta"):
+        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
             m = load(None, args.dtype, adapter)
-            engines[("hf", adapter)] = Engine(m.model, m.tokenizer, m.name)
+            engines[("hf", kind)] = Engine(m.model, m.tokenizer, m.name)
     if any(m.startswith("vllm") for m in modes):
-        for adapter in ("baseline", "pasta"):
-            engines[("vllm", adapter)] = load_vllm(None, args.dtype, adapter)
+        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
+            engines[("vllm", kind)] = load_vllm(None, args.dtype, adapter)
     tok = next(iter(engines.values())).tokenizer
     seq = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear", sequential=True)
     pasta = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")

@@ -153,7 +153,7 @@ def _train_parsers(sub) -> None:
     s.add_argument("--lora-r", type=positive_int, default=16)
     s.add_argument("--lora-top", type=positive_int,
                    help="LoRA on the top N layers only (default: all); halves a CPU step for half the layers")
-    add_flags(s, GenerateConfig, only=["reserve_scale", "layout"], defaults={"reserve_scale": 1.0})
+    add_flags(s, GenerateConfig, only=["reserve_scale", "layout"], defaults={"reserve_scale": 1.0, "layout": "reserve"})
     s.add_argument("--save-steps", type=positive_int, default=50)
     add_flags(s, PromptSettings, only=["limit"])
     s.add_argument("--tag-weight", type=nonneg_float, default=1.0,
@@ -353,7 +353,7 @@ def generate(args) -> int:
     cfg = _decoding_config(args, args.sequential)
     settings = _model_settings(args)
     engine = settings.engine()
-    engine.check(cfg)
+    cfg = engine.check(cfg)
     first: list[float] = []
     for prompt in prompts:
         ids = chat_prompt(engine.tokenizer, prompt, args.system)
@@ -473,7 +473,7 @@ def evaluate(args) -> int:
         raise ValueError(f"--prompts {args.prompts}: no prompts to evaluate")
     settings = _model_settings(args)
     for mode in cfg.modes:  # refuse what the backend cannot decode before loading anything
-        if settings.backend == "vllm" and (options.get(mode, {}).get("layout", cfg.generate.layout) != "linear"):
+        if settings.backend == "vllm" and options.get(mode, {}).get("layout", cfg.generate.layout) == "reserve":
             raise ValueError(f"--backend vllm decodes the linear layout only; pass --layout linear (mode {mode})")
     judge = _judge(args)
     base_adapter = _baseline(args.baseline_adapter, args.model)
@@ -516,7 +516,7 @@ def serve(args) -> int:
     api_key = args.api_key or os.environ.get("PASTA_API_KEY") or None
     defaults = _decoding_config(args)
     settings = _model_settings(args)
-    if settings.backend == "vllm" and defaults.layout != "linear":
+    if settings.backend == "vllm" and defaults.layout == "reserve":
         raise ValueError("--backend vllm decodes the linear layout only; pass --layout linear")
     engine = settings.engine()
     cfg = ServeConfig(model_id=args.served_name or engine.name, defaults=defaults, system=args.system,

@@ -31,7 +31,7 @@ class Batcher:
         """Queue a request; it joins at the next step. `stop_ids` overrides the engine's (empty: ignore EOS and
         stop only at a limit, as benchmarks do)."""
         eng = self.engine
-        eng.check(config)
+        config = eng.check(config)
         stops = eng.stop_ids if stop_ids is None else set(stop_ids)
         interp = Interpreter(eng.tokenizer, list(prompt_ids), stops, config.policy(eng.tokenizer),
                              config.limits(eng.max_positions), config.sequential, scripts,

@@ -55,12 +55,17 @@ class Engine:
 
         return HFRunner(self.model)
 
-    def check(self, config: GenerateConfig) -> None:
-        """Refuse settings this backend cannot decode exactly."""
+    def check(self, config: GenerateConfig) -> GenerateConfig:
+        """The settings this backend decodes (layout None: its first layout); refuse what it cannot decode exactly."""
+        from dataclasses import replace
+
+        if config.layout is None:
+            config = replace(config, layout=self.layouts[0])
         if config.layout not in self.layouts:
             raise ValueError(f"the {self.backend} backend decodes the {' and '.join(self.layouts)} layout"
                              f"{'s' if len(self.layouts) > 1 else ''}, not {config.layout!r}; pass --layout "
                              f"{self.layouts[-1]}")
+        return config
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,

@@ -23,8 +23,8 @@ class GenerateConfig:
         max_threads: live async threads; a promise past it is decoded inline by main.
         max_context: cache slots per request; None takes the model's max_position_embeddings.
         layout: 'reserve' (positions reserved per block; main sees the blocks where they were written) or 'linear'
-            (nothing reserved; a sync re-lays the history in reading order): docs/spec.md section 3. The vLLM
-            backend runs only 'linear'.
+            (nothing reserved; a sync re-lays the history in reading order): docs/spec.md section 3. None: the
+            backend's own (reserve on transformers, linear on vLLM, which runs only that).
         reserve_scale: reserve layout: positions reserved per block, R = ceil(scale * tokens) + tag overhead; 0
             reserves none. None: 1 in the reserve layout, 0 (the only value it allows) in the linear one.
         temperature: 0 (or below 1e-5) is greedy.
@@ -51,9 +51,9 @@ class GenerateConfig:
                             action="bool")
     max_context: int | None = opt(None, "cache slots per request (default: the model's positions)",
                                   type=positive_int)
-    layout: str = opt("reserve", "'reserve': positions reserved per block, main sees blocks in place; 'linear': "
-                      "nothing reserved, a sync re-lays the history in reading order (what vLLM runs); "
-                      "docs/spec.md section 3", choices=LAYOUTS)
+    layout: str | None = opt(None, "'reserve': positions reserved per block, main sees blocks in place (the hf "
+                             "backend's default); 'linear': nothing reserved, a sync re-lays the history in reading "
+                             "order (the only one vLLM runs); docs/spec.md section 3", choices=LAYOUTS)
     reserve_scale: float | None = opt(None, "reserve layout: positions reserved per block, ceil(scale * tokens) + "
                                       "tag overhead; 0 reserves none (default 1)", type=nonneg_float)
     temperature: float = opt(0.0, "0 is greedy", type=nonneg_float)
@@ -67,7 +67,7 @@ class GenerateConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.layout not in LAYOUTS:
+        if self.layout is not None and self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "linear" and self.reserve_scale not in (None, 0):
             raise ValueError(f"the linear layout reserves no positions; reserve_scale {self.reserve_scale} needs "
@@ -83,7 +83,7 @@ class GenerateConfig:
         return 0.0 if self.layout == "linear" else 1.0
 
     def policy(self, tokenizer) -> ReservePolicy:
-        return ReservePolicy.for_tokenizer(tokenizer, self.scale, self.layout)
+        return ReservePolicy.for_tokenizer(tokenizer, self.scale, self.layout or "reserve")
 
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,

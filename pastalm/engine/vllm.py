@@ -224,13 +224,14 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: lower latency
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up chatter is not for pastalm's users
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-    try:
-        import torch
+    extra = dict(extra or {})
+    import torch
 
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-    except ImportError:
-        pass
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        # vLLM's CPU default is 128-token KV blocks; its prefix cache shares whole blocks only, and a fork shares
+        # main's tokens through the promise, often fewer than 128: smaller blocks let forks reuse them
+        extra.setdefault("block_size", int(os.environ.get("PASTA_VLLM_BLOCK_SIZE", "32")))
     try:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
@@ -253,7 +254,7 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
     args = EngineArgs(model=folder, tokenizer=folder, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
                       enable_prefix_caching=True, max_model_len=max_len, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                      enforce_eager=True, **(extra or {}))
+                      enforce_eager=True, **extra)
     llm = LLMEngine.from_engine_args(args)
 
     class _Cfg:  # stop_ids() reads the generation config's EOS from a model-like object

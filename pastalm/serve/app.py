@@ -277,7 +277,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 kw["block_guard"] = body.pasta.block_guard
         try:
             config = replace(c, **kw)
-            engine.check(config)
+            config = engine.check(config)
         except ValueError as e:  # e.g. a reserve scale on the linear layout, which the vLLM backend decodes
             raise APIError(400, str(e), param="pasta") from None
         return config

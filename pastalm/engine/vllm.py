@@ -232,6 +232,11 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
         # vLLM's CPU default is 128-token KV blocks; its prefix cache shares whole blocks only, and a fork shares
         # main's tokens through the promise, often fewer than 128: smaller blocks let forks reuse them
         extra.setdefault("block_size", int(os.environ.get("PASTA_VLLM_BLOCK_SIZE", "32")))
+        # on CPU vLLM reserves this fraction of the machine's memory (0.92 by default) and gives the KV cache what the
+        # process has not used of it: a small model needs far less, and `pasta eval` holds one engine per adapter,
+        # so reserve a little and give the KV cache a fixed 2 GiB (PASTA_VLLM_KV_GIB)
+        extra.setdefault("gpu_memory_utilization", float(os.environ.get("PASTA_VLLM_MEMORY", "0.15")))
+        extra.setdefault("kv_cache_memory_bytes", int(float(os.environ.get("PASTA_VLLM_KV_GIB", "2")) * (1 << 30)))
     try:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine

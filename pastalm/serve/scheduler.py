@@ -136,6 +136,10 @@ class Scheduler:
                     if job is not None:
                         self._release()
                         job.emit("error", f"internal error while decoding: {type(e).__name__}: {e}")
+                try:  # free what the backend holds for them (vLLM: its requests)
+                    self.batcher.runner.release(list(self.batcher.active), [], True)
+                except Exception:
+                    traceback.print_exc()
                 self.batcher = self.engine.batcher()
         for job in list(self.waiting) + [self.jobs[r.id] for r in self.batcher.active if r.id in self.jobs]:
             job.emit("error", "the server is shutting down")

@@ -84,21 +84,6 @@ def test_batched_requests_free_every_vllm_request(engines):
     assert vl.vllm_counts() in ({"vllm_running": 0, "vllm_waiting": 0}, {"vllm_unfinished": 0})
 
 
-@pytest.mark.slow
-def test_shipped_adapter_greedy_matches_the_hf_backend():
-    """The bundled model with the shipped adapter, fp32: the same answer token for token on both backends."""
-    from pastalm.engine.vllm import load_vllm
-
-    m = load(None, "fp32", "pasta")
-    hf = Engine(m.model, m.tokenizer, m.name)
-    vl = load_vllm(None, "fp32", "pasta")
-    for prompt in ("Give three tips to sleep better.", "Name four planets and one fact about each."):
-        ids = chat_prompt(m.tokenizer, prompt)
-        cfg = GenerateConfig(layout="linear", max_new_tokens=200)
-        a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
-        assert a.threads >= 2 and a.token_ids == b.token_ids and a.text == b.text
-
-
 def test_serve_on_vllm_streams_and_frees_everything_on_disconnect(engines):
     """`pasta serve --backend vllm` in miniature: the app on the vLLM engine over real HTTP, streamed clients at once
     (each gets what `generate` gives alone), one that disconnects early; then vLLM holds nothing."""
@@ -145,3 +130,21 @@ def test_serve_on_vllm_streams_and_frees_everything_on_disconnect(engines):
                 break
             assert time.monotonic() < deadline, h
             time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_shipped_adapter_greedy_matches_the_hf_backend():
+    """The bundled model with the shipped adapter, fp32: the same answer token for token on both backends.
+
+    Last in this file: a second vLLM engine tears down vLLM's process-wide parallel state when it is freed, which
+    breaks any other engine still in use in the process (the module's)."""
+    from pastalm.engine.vllm import load_vllm
+
+    m = load(None, "fp32", "pasta")
+    hf = Engine(m.model, m.tokenizer, m.name)
+    vl = load_vllm(None, "fp32", "pasta")
+    for prompt in ("Give three tips to sleep better.", "Name four planets and one fact about each."):
+        ids = chat_prompt(m.tokenizer, prompt)
+        cfg = GenerateConfig(layout="linear", max_new_tokens=200)
+        a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
+        assert a.threads >= 2 and a.token_ids == b.token_ids and a.text == b.text

@@ -106,8 +106,8 @@ def _eval_parser(sub) -> None:
 
 def _train_parsers(sub) -> None:
     from .engine.types import GenerateConfig
-    from .settings import PromptSettings, TrainSettings, add_flags, defaults_of, nonneg_float, positive_int, \
-        probability
+    from .settings import PromptSettings, TrainSettings, add_flags, defaults_of, nonneg_float, nonneg_int, \
+        positive_int, probability
     from .train.prefer import PreferConfig
     from .train.sft import SFTConfig
 
@@ -133,7 +133,7 @@ def _train_parsers(sub) -> None:
     n.add_argument("--teacher-key-env", default="PASTA_TEACHER_API_KEY", help="env var holding the API key")
     _modelflags(n, only=["model"], helps={"model": "model whose tokenizer counts chunk tokens (default: bundled "
                                           "SmolLM2)"})
-    n.add_argument("--bucket", type=nonneg_float, default=10, help="round token counts up to this (0/1: exact)")
+    n.add_argument("--bucket", type=nonneg_int, default=10, help="round token counts up to this (0/1: exact)")
     add_flags(n, PromptSettings, only=["limit"])
 
     t = sub.add_parser("train", help="fine-tune a model")
@@ -352,6 +352,7 @@ def generate(args) -> int:
         force = args.force.read_text()
     cfg = _decoding_config(args, args.sequential)
     settings = _model_settings(args)
+    settings.check_layout(cfg.layout)
     engine = settings.engine()
     cfg = engine.check(cfg)
     first: list[float] = []
@@ -473,8 +474,7 @@ def evaluate(args) -> int:
         raise ValueError(f"--prompts {args.prompts}: no prompts to evaluate")
     settings = _model_settings(args)
     for mode in cfg.modes:  # refuse what the backend cannot decode before loading anything
-        if settings.backend == "vllm" and options.get(mode, {}).get("layout", cfg.generate.layout) == "reserve":
-            raise ValueError(f"--backend vllm decodes the linear layout only; pass --layout linear (mode {mode})")
+        settings.check_layout(options.get(mode, {}).get("layout", cfg.generate.layout))
     judge = _judge(args)
     base_adapter = _baseline(args.baseline_adapter, args.model)
     wanted = {"sequential": base_adapter, "sot": base_adapter, "sample": base_adapter,
@@ -516,8 +516,7 @@ def serve(args) -> int:
     api_key = args.api_key or os.environ.get("PASTA_API_KEY") or None
     defaults = _decoding_config(args)
     settings = _model_settings(args)
-    if settings.backend == "vllm" and defaults.layout == "reserve":
-        raise ValueError("--backend vllm decodes the linear layout only; pass --layout linear")
+    settings.check_layout(defaults.layout)
     engine = settings.engine()
     cfg = ServeConfig(model_id=args.served_name or engine.name, defaults=defaults, system=args.system,
                       max_running=args.max_running, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,

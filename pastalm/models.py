@@ -271,12 +271,12 @@ def chat_messages(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
 
 
-def stop_ids(model, tokenizer) -> set[int]:
+def stop_ids(tokenizer, generation_config=None) -> set[int]:
     """Token ids that end generation: the generation config's and the tokenizer's EOS, and with a ChatML template
     the turn markers `<|im_start|>` and `<|im_end|>`: a model that opens a new turn has ended its own (the v3
     adapter once wrote `...well-being.<|im_start|>user\nWhat is ...` where `<|im_end|>` belonged)."""
     ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), tokenizer):
+    for src in (generation_config, tokenizer):
         eos = getattr(src, "eos_token_id", None) if src is not None else None
         if isinstance(eos, int):
             ids.add(eos)

@@ -142,6 +142,14 @@ class ModelSettings:
         if self.backend == "hf" and (self.tensor_parallel_size > 1 or self.data_parallel_size > 1):
             raise ValueError("--tensor-parallel-size and --data-parallel-size need --backend vllm")
 
+    def check_layout(self, layout: str | None) -> None:
+        """Refuse, before anything is loaded, a layout the chosen backend cannot decode."""
+        if self.backend == "vllm":
+            from .engine.vllm import VllmEngine as cls
+        else:
+            from .engine import Engine as cls
+        cls.check_layout(layout)
+
     def engine(self, adapter: str | None = None):
         """Load the model (with `adapter` instead of the settings' one, if given) on the chosen backend."""
         adapter = self.adapter if adapter is None else adapter

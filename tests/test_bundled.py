@@ -95,7 +95,7 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     from pastalm.models import stop_ids
 
     ref = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         eos_token_id=sorted(stop_ids(model, tok)))[0, len(ids):]
+                         eos_token_id=sorted(stop_ids(tok, model.generation_config)))[0, len(ids):]
     assert got["raw"] == tok.decode(ref, skip_special_tokens=True) and got["threads"] == 0
 
 

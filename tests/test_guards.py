@@ -94,7 +94,7 @@ def test_chatml_turn_markers_stop(tokenizer):
     from pastalm.models import stop_ids
     from pastalm.testing import tiny_model
 
-    ids = stop_ids(tiny_model(), tokenizer)
+    ids = stop_ids(tokenizer, tiny_model().generation_config)
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert {start, end} <= ids
     script = tokenizer.encode("Keep a fixed schedule.", add_special_tokens=False) + [start] + \

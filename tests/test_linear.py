@@ -98,20 +98,6 @@ def test_linear_equals_reserve_at_scale_0_until_a_sync(model, tokenizer):
         assert torch.allclose(a.logits[k], b.logits[k], atol=1e-5)
 
 
-def test_linear_greedy_free_decoding_is_a_plain_forward(model, tokenizer):
-    """Free greedy decoding in the linear layout: each chosen token is the argmax of a plain forward over the
-    thread's context as the raw answer defines it (checked through the same reference)."""
-    tok = tokenizer
-    prompt_ids = chat_prompt(tok, "Tell me two things.")
-    cfg = GenerateConfig(layout="linear", max_new_tokens=60)
-    res = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id}).generate(prompt_ids, cfg)
-    main = res.token_ids[0]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt_ids + main])).logits[0]
-    # until main forks (a random model rarely writes a whole promise) main is plain greedy decoding
-    assert main == logits[len(prompt_ids) - 1:-1].argmax(-1).tolist()[: len(main)]
-
-
 def test_linear_layout_refuses_a_reserve_scale():
     with pytest.raises(ValueError, match="reserves no positions"):
         GenerateConfig(layout="linear", reserve_scale=1.0)

@@ -19,9 +19,9 @@ from .types import Request, Result, Runner
 class Batcher:
     """Requests in flight on one engine; `step()` advances all of them by one runner step."""
 
-    def __init__(self, engine, runner: Runner | None = None):
+    def __init__(self, engine):
         self.engine = engine
-        self.runner = runner if runner is not None else engine.runner()
+        self.runner: Runner = engine.runner()
         self.active: list[Request] = []
         self._next_id = 0
         self.steps = 0

@@ -46,7 +46,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.stop_ids = set(stop_ids) if stop_ids is not None else default_stop_ids(model, tokenizer)
+        self.stop_ids = set(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer, getattr(model, "generation_config", None))
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
     def runner(self) -> Runner:
@@ -55,17 +55,19 @@ class Engine:
 
         return HFRunner(self.model)
 
+    @classmethod
+    def check_layout(cls, layout: str | None) -> None:
+        """Refuse a layout this backend cannot decode exactly (None: the backend's own)."""
+        if layout is not None and layout not in cls.layouts:
+            raise ValueError(f"the {cls.backend} backend decodes the {' and '.join(cls.layouts)} layout"
+                             f"{'s' if len(cls.layouts) > 1 else ''}, not {layout!r}; pass --layout {cls.layouts[-1]}")
+
     def check(self, config: GenerateConfig) -> GenerateConfig:
         """The settings this backend decodes (layout None: its first layout); refuse what it cannot decode exactly."""
         from dataclasses import replace
 
-        if config.layout is None:
-            config = replace(config, layout=self.layouts[0])
-        if config.layout not in self.layouts:
-            raise ValueError(f"the {self.backend} backend decodes the {' and '.join(self.layouts)} layout"
-                             f"{'s' if len(self.layouts) > 1 else ''}, not {config.layout!r}; pass --layout "
-                             f"{self.layouts[-1]}")
-        return config
+        self.check_layout(config.layout)
+        return config if config.layout is not None else replace(config, layout=self.layouts[0])
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,

@@ -92,7 +92,7 @@ class Thread:
     script: list[int] | None = None  # forced replay: the tokens to write instead of sampled ones
     pending_forks: list[tuple[int, int, int]] = field(default_factory=list)  # (event index, tokens, ordinal)
     inline_pending: bool = False  # main: a promise past the thread limit waits for its forced <async>
-    forked_at: tuple[int, int] = (0, 0)  # async: (main's written tokens, main's column slots) when it forked
+    forked_at: int = 0  # async: main's tokens (prompt included) when it forked
     relay: list[int] = field(default_factory=list)  # main, linear layout: re-laid history fed before its tokens
 
     @property
@@ -137,7 +137,6 @@ class Interpreter:
         self.open_ids = list(tokenizer.encode(ASYNC_OPEN, add_special_tokens=False))
         self.close_ids = list(tokenizer.encode(ASYNC_CLOSE, add_special_tokens=False))
         self.linear = policy.linear
-        self.epoch_forks: list[int] = []  # linear layout: blocks forked since main's last re-laid sync
         self.tag_overhead = policy.overhead  # tokens of <async> + </async>
         self.layout = Layout(policy)
         self.sequential = sequential
@@ -181,15 +180,15 @@ class Interpreter:
         main = self.main
         join = main.status == Status.WAITING and all(
             t.status == Status.DONE or (t.status == Status.FINISHING and t in blocks) for t in self.threads[1:])
-        relay = self._relay_plan() if join and self.linear and self.epoch_forks else None
+        relay = self._relay_tail() if join and self.linear and self.layout.epoch else None
         want = sum(t.pending() for t in blocks)
         main_end = None
         if main.status == Status.RUNNING or join:
             want += main.pending()
             main_end = self.layout.next_position(0) + main.pending() - 1
             if relay is not None:
-                want += len(relay[1])
-                main_end = relay[2] + len(relay[1]) + main.pending() - 1
+                want += len(relay)
+                main_end = self.layout.relay_start()[1] + len(relay) + main.pending() - 1
         want += len(self.open_ids) * len(main.pending_forks)
         if not self._fits(want, blocks, main_end):
             return []
@@ -197,10 +196,9 @@ class Interpreter:
             feeds.append(self._feed(t))
         if join:
             if relay is not None:  # linear layout: main goes on from its history re-laid in reading order
-                self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in self.epoch_forks])
-                self.layout.relay(relay[0])
-                main.relay = relay[1]
-                self.epoch_forks = []
+                self.clock = max([self.clock] + [self._end_clock(self.threads[j]) for j in self.layout.epoch])
+                self.layout.relay()
+                main.relay = relay
                 feeds.append(self._feed(main))
             else:
                 joined = self.layout.join()
@@ -211,11 +209,9 @@ class Interpreter:
         elif main.status == Status.RUNNING and main.pending():
             feeds.append(self._feed(main))
         for event_index, promised, ordinal in main.pending_forks:
-            main_slots = self.layout.threads[self.layout.column[0]].count
             tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
-            t.forked_at = (len(main.tokens), main_slots)
-            self.epoch_forks.append(tid)
+            t.forked_at = len(main.tokens)
             t.budget = min(self.limits.async_cap, int(self.limits.async_factor * promised)) + self.tag_overhead
             t.start_clock = self.clock
             t.tokens = list(self.open_ids)
@@ -242,22 +238,18 @@ class Interpreter:
             return False
         return True
 
-    def _relay_plan(self) -> tuple[int, list[int], int]:
-        """Linear layout, at a sync whose blocks are done: (slots of main's column kept: through the first promise
-        that forked since the last re-laid sync; the history after them re-laid in reading order: each block's
-        tokens right after main's token that forked it, with `</async>` added when it did not write one, and
-        main's already fed tokens in between; the position of the first re-laid token)."""
-        main = self.main
-        first = self.threads[self.epoch_forks[0]]
-        col = self.layout.threads[self.layout.column[0]]
+    def _relay_tail(self) -> list[int]:
+        """Linear layout, at a sync whose blocks are done: main's history after the first promise that forked since
+        its column began (`Layout.relay_start`), re-laid in reading order: each block's tokens right after main's
+        token that forked it (`</async>` added when it wrote none), and main's already fed tokens in between."""
+        main, epoch = self.main, self.layout.epoch
         tail: list[int] = []
-        for k, tid in enumerate(self.epoch_forks):
+        for k, tid in enumerate(epoch):
             b = self.threads[tid]
             tail += b.tokens + ([] if b.closed else self.close_ids)
-            end = self.threads[self.epoch_forks[k + 1]].forked_at[0] if k + 1 < len(self.epoch_forks) else main.num_fed
-            tail += main.tokens[b.forked_at[0]:end]
-        shared = first.forked_at[1]
-        return shared, tail, col.next_pos - col.count + shared
+            end = self.threads[epoch[k + 1]].forked_at if k + 1 < len(epoch) else main.num_fed
+            tail += main.tokens[b.forked_at:end]
+        return tail
 
     def _feed(self, t: Thread) -> Feed:
         ids = t.relay + t.tokens[t.num_fed :]

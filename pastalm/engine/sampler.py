@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def thread_seed(seed: int, thread: int) -> int:
+    """The seed of one thread's sampling: each thread's samples depend only on the request's seed and its own
+    history (both backends derive their per-thread seeds from this)."""
+    return (int(seed) * 1_000_003 + thread * 7_919) % (2**63 - 1)
+
+
 def thread_generator(seed: int, thread: int) -> torch.Generator:
-    """A generator per thread, so each thread's samples depend only on the seed and its own history."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + thread * 7_919) % (2**63 - 1))
+    """A generator per thread (`thread_seed`)."""
+    return torch.Generator().manual_seed(thread_seed(seed, thread))
 
 
 MIN_TEMPERATURE = 1e-5  # below this sampling is greedy (as vLLM does): 1 / 1e-300 overflows into NaN probabilities

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .engine import Engine
 from .interpreter import Status
-from .types import GenerateConfig
+from .sampler import MIN_TEMPERATURE, thread_seed
 
 
 class VllmEngine(Engine):
@@ -66,14 +66,13 @@ def _scheduler(llm):
 
 @dataclass
 class _Seq:
-    """One vLLM request: the thread it decodes, the layout column its context ends in, the full token sequence
-    vLLM holds (prompt and sampled tokens) and how long its prompt was."""
+    """One vLLM request: the thread it decodes, the layout column its context ends in, and the tokens vLLM sampled
+    that the loop has not fed back yet (the request stays in step while each feed is exactly those)."""
 
     rid: str
     thread: int
     column: int
-    tokens: list[int]
-    prompt_len: int
+    unfed: list[int] = field(default_factory=list)
     finished: str | None = None  # vLLM's finish reason once it stopped by itself
 
 
@@ -101,6 +100,8 @@ class VllmRunner:
     # -- feeds -> vLLM requests ---------------------------------------------------------------------------------
 
     def _apply(self, st: _State, feeds) -> None:
+        """Record the feeds in the columns; a request whose feed is not what vLLM sampled (a forced tag, a script
+        token, main moved to a re-laid column) is aborted, to restart from its context."""
         for f in feeds:
             col, span = f.span.thread, f.span
             toks = st.cols.setdefault(col, [])
@@ -116,17 +117,22 @@ class VllmRunner:
                 raise RuntimeError(f"vLLM runner: column {col} out of step ({span.start} != {len(toks)})")
             toks.extend(f.ids)
             st.thread_col[f.thread] = col
+            seq = st.seqs.get(f.thread)
+            if seq is not None:
+                if seq.column == col and seq.unfed == f.ids and seq.finished is None:
+                    seq.unfed = []
+                else:
+                    self._abort(st, f.thread)
 
-    def _context(self, st: _State, tid: int) -> tuple[int, list[int]]:
-        col = st.thread_col[tid]
-        return col, st.prefix[col] + st.cols[col]
-
-    def _start(self, req, st: _State, tid: int, col: int, ctx: list[int]) -> None:
+    def _start(self, req, st: _State, tid: int) -> None:
+        """A vLLM request for thread `tid` whose prompt is the thread's whole context (prefix caching shares it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         interp, cfg = req.interp, req.config
+        col = st.thread_col[tid]
+        ctx = st.prefix[col] + st.cols[col]
         left = self.engine.max_positions - len(ctx)
         if left <= 0:
             interp.stop("context")
@@ -135,11 +141,12 @@ class VllmRunner:
         scripted = t.script is not None and interp.scripted(tid) is not None
         budget = cfg.max_new_tokens if t.is_main else max(1, t.budget - t.num_generated)
         st.restarts += 1
+        greedy = cfg.temperature < MIN_TEMPERATURE
         params = SamplingParams(
             max_tokens=1 if scripted else max(1, min(left, budget)),
-            temperature=0.0 if cfg.temperature < 1e-5 else cfg.temperature,
+            temperature=0.0 if greedy else cfg.temperature,
             top_p=cfg.top_p,
-            seed=None if cfg.temperature < 1e-5 else (cfg.seed * 1_000_003 + tid * 7919 + st.restarts) % (1 << 31),
+            seed=None if greedy else (thread_seed(cfg.seed, tid) + st.restarts) % (1 << 31),
             stop_token_ids=sorted(interp.stop_ids),
             ignore_eos=True,  # the interpreter's stop ids decide (a benchmark may have none)
             detokenize=False,
@@ -147,7 +154,7 @@ class VllmRunner:
             output_kind=RequestOutputKind.DELTA,
         )
         rid = f"pasta-{next(self.engine._ids)}"
-        seq = _Seq(rid, tid, col, list(ctx), len(ctx))
+        seq = _Seq(rid, tid, col)
         st.seqs[tid] = seq
         self.owner[rid] = (req, st, seq)
         self.llm.add_request(rid, TokensPrompt(prompt_token_ids=list(ctx)), params)
@@ -167,14 +174,8 @@ class VllmRunner:
                 if tid not in req.waiting:  # it ended, waits at a sync, or a limit stopped it
                     self._abort(st, tid)
             for tid in sorted(req.waiting):
-                col, ctx = self._context(st, tid)
-                seq = st.seqs.get(tid)
-                if seq is not None and (seq.column != col or seq.finished is not None or len(seq.tokens) != len(ctx)
-                                        or seq.tokens[seq.prompt_len:] != ctx[seq.prompt_len:]):
-                    self._abort(st, tid)  # its next token is not the one vLLM chose, or it moved (relay)
-                    seq = None
-                if seq is None and not req.interp.finished:
-                    self._start(req, st, tid, col, ctx)
+                if tid not in st.seqs and not req.interp.finished:
+                    self._start(req, st, tid)
         chosen: dict[tuple[int, int], int] = {}
         if not self.owner:
             return chosen
@@ -187,7 +188,7 @@ class VllmRunner:
             ids = list(c.token_ids) if c is not None else []
             if ids:
                 tok = ids[0]  # one token per request per engine step
-                seq.tokens.append(tok)
+                seq.unfed.append(tok)
                 chosen[(req.id, seq.thread)] = tok
                 if req.logits is not None and c.logprobs:
                     t = req.interp.threads[seq.thread]
@@ -261,17 +262,11 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
                       tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                       enforce_eager=True, **extra)
     llm = LLMEngine.from_engine_args(args)
-
-    class _Cfg:  # stop_ids() reads the generation config's EOS from a model-like object
-        generation_config = getattr(llm, "generation_config", None)
-
     try:
         from transformers import GenerationConfig
 
-        _Cfg.generation_config = GenerationConfig.from_pretrained(folder)
-    except OSError:
-        pass
-    return VllmEngine(llm, tok, name, stop_ids(_Cfg, tok), max_len)
+        gen = GenerationConfig.from_pretrained(folder)
+    except OSError:  # a folder without generation_config.json: the tokenizer's EOS only
+        gen = None
+    return VllmEngine(llm, tok, name, stop_ids(tok, gen), max_len)
 
-
-__all__ = ["GenerateConfig", "VllmEngine", "VllmRunner", "load_vllm"]

@@ -95,6 +95,7 @@ class Layout:
         self.policy = policy
         self.threads: list[_Thread] = [_Thread(view=[0], next_pos=0)]  # columns
         self.column: list[int] = [0]  # thread id -> its column
+        self.epoch: list[int] = []  # blocks forked since main's column began (the linear layout re-lays them)
 
     @property
     def num_threads(self) -> int:
@@ -133,6 +134,7 @@ class Layout:
         start = main.last_pos + 1
         self.column.append(self._new_column(list(main.view), start))  # it sees what main sees now
         main.next_pos += self.policy.reserve(promised_tokens)
+        self.epoch.append(len(self.column) - 1)
         return len(self.column) - 1
 
     def join(self) -> list[int]:
@@ -153,20 +155,27 @@ class Layout:
         for j in joined:
             main.next_pos = max(main.next_pos, self.threads[self.column[j]].last_pos + 1)
 
-    def relay(self, shared: int) -> None:
-        """Linear layout, at a sync: main moves to a new column that sees its current column's first `shared`
-        slots (and what that column sees), at the positions right after them. The interpreter then appends the
-        re-laid history (blocks and main's later text, in reading order) and main's next tokens to it. Every
-        block forked so far counts as joined."""
-        old = self.threads[self.column[0]]
-        if shared > old.count:
-            raise ValueError(f"relay: {shared} shared slots, but main's column has {old.count}")
-        view = list(old.view)
+    def relay_start(self) -> tuple[int, int]:
+        """Linear layout, at a sync after `epoch` forks: (main's slots the re-laid history keeps: those the first
+        block forked since main's column began saw of it, i.e. through its promise; the position of the first
+        re-laid token)."""
+        c = self.column[0]
+        main = self.threads[c]
+        shared = self.threads[self.column[self.epoch[0]]].view[c]
+        return shared, main.next_pos - main.count + shared  # a linear column's positions are consecutive
+
+    def relay(self) -> None:
+        """Linear layout, at a sync after `epoch` forks: main moves to a new column that sees its current one up to
+        `relay_start` (and what that one sees), at the positions right after. The interpreter then appends the
+        re-laid history (blocks and main's later text, in reading order) and main's next tokens to it. Every block
+        forked so far counts as joined."""
+        shared, start = self.relay_start()
+        view = list(self.threads[self.column[0]].view)
         view[self.column[0]] = shared
-        first = old.next_pos - old.count  # linear: a column's positions are consecutive from its first
         for j in range(1, len(self.column)):
             self.threads[self.column[j]].joined = True
-        self.column[0] = self._new_column(view, first + shared)
+        self.column[0] = self._new_column(view, start)
+        self.epoch = []
 
 
 @dataclass

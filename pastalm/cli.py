@@ -174,10 +174,12 @@ def _train_parsers(sub) -> None:
     f.add_argument("--samples", type=int_at_least(2), default=4, help="answers sampled per prompt")
     f.add_argument("--lambdas", default="1,2,4,8,inf", help="speed/quality knobs: score = speedup + lambda*quality")
     f.add_argument("--rounds", type=positive_int, default=1, help="rounds; each samples with the newest model")
-    add_flags(f, GenerateConfig, only=["temperature", "top_p", "max_new_tokens"],
-              defaults=defaults_of(PreferConfig, ["temperature", "top_p", "max_new_tokens"]),
+    add_flags(f, GenerateConfig, only=["temperature", "top_p", "max_new_tokens", "layout"],
+              defaults=defaults_of(PreferConfig, ["temperature", "top_p", "max_new_tokens", "layout"]),
               helps={"max_new_tokens": "token budget of each sample (use pasta eval's --max-new-tokens to train at "
-                                       "its limit)"})
+                                       "its limit)",
+                     "layout": "layout to sample and train in: 'reserve' (the HF engine's) or 'linear' (the one "
+                               "vLLM runs; train the SFT adapter with `pasta train sft --layout linear` first)"})
     f.add_argument("--greedy-candidate", action="store_true",
                    help="make sample 0 of each prompt the greedy answer (how pasta eval and the server decode), so "
                    "a greedy answer that runs into a limit can lose against a sampled one")
@@ -276,7 +278,7 @@ def prefer(args) -> int:
                        greedy_candidate=args.greedy_candidate, max_new_tokens=args.max_new_tokens,
                        batch_requests=args.batch_requests, alpha=args.alpha, beta=args.beta, ipo_norm=args.ipo_norm,
                        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       max_length=args.max_length, seed=args.seed, limit=args.limit,
+                       max_length=args.max_length, layout=args.layout, seed=args.seed, limit=args.limit,
                        per_category=args.per_category, system=args.system)
     stats = run_prefer(cfg)
     print(json.dumps(stats, indent=1))

@@ -97,14 +97,15 @@ def tiny_setup(tmp_path):
     return folder, tmp_path / "stage1", prompts
 
 
-def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["reserve", "linear"])
+def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch, layout):
     from safetensors.torch import load_file, save_file
 
     folder, stage1, prompts = tiny_setup
     cfg = PreferConfig(output=str(tmp_path / "out"), from_adapter=str(stage1), prompts=str(prompts),
                        baseline_adapter="none", model=str(folder), dtype="fp32", samples=3, lambdas=[1.0],
                        rounds=1, temperature=1.0, top_p=1.0, max_new_tokens=16, batch_requests=9, lr=1e-2,
-                       batch_size=1, grad_accum=1)
+                       batch_size=1, grad_accum=1, layout=layout)
     stats = run_prefer(cfg, progress=False, judge=LengthJudge())
     st = stats["lambda-1/round-1"]
     assert st["pairs"] >= 1 and st["steps"] == st["pairs"] and all(math.isfinite(x) for x in st["last_losses"])
@@ -167,3 +168,44 @@ def test_greedy_candidate_is_the_greedy_answer(tmp_path):
         sampled = engine.generate(chat_prompt(tok, p["prompt"], None),
                                   GenerateConfig(max_new_tokens=12, temperature=1.0, seed=1))
         assert mine[1]["raw"] == sampled.raw
+
+
+def test_an_answers_log_probability_sums_its_rows(model, tokenizer):
+    """Stage 2 batches winners and losers together; in the linear layout an answer is one row per re-laid sync.
+    Each answer's log-probability from the padded, mixed batch equals the sum over its examples computed one by
+    one without padding (`layout_forward`), in both layouts."""
+    from pastalm.engine.reference import layout_forward
+    from pastalm.train.data import LayoutCollator
+    from pastalm.train.prefer import _pair_batch, pair_layouts
+
+    p = '<promise tokens="{}"/>'
+    two_syncs = ("A " + p.format(5) + "<async>alpha</async><sync/> then B " + p.format(5) + "<async>beta gamma"
+                 "</async> mid " + p.format(4) + "<async>delta</async><sync/> end.")
+    one_sync = "Intro: " + p.format(6) + "<async>one two</async><sync/> so main reads it."
+    pairs = [{"prompt": "Tell me two things.", "winner": two_syncs, "loser": one_sync},
+             {"prompt": "Hi", "winner": "Plain answer.", "loser": "List: " + p.format(6) + "<async>first</async> x"}]
+    collate = LayoutCollator(tokenizer.eos_token_id, torch.float32)
+    for layout, rows in (("linear", [3, 1, 2, 1]), ("reserve", [1, 1, 1, 1])):
+        cfg = PreferConfig(output="x", from_adapter="pasta", layout=layout, max_length=10_000)
+        items, skipped = pair_layouts(tokenizer, pairs, cfg)
+        answers = [it["w"] for it in items] + [it["l"] for it in items]
+        assert skipped == 0 and [len(a) for a in answers] == rows
+        batch, owner = _pair_batch(collate, items, model)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        summed, nll = ipo_logps(logits, labels, "sum", owner)
+        mean, _ = ipo_logps(logits, labels, "mean", owner)
+        for a, seqs in enumerate(answers):
+            total, n = 0.0, 0
+            for seq in seqs:
+                with torch.no_grad():
+                    lp = torch.log_softmax(layout_forward(model, seq).float(), -1)
+                for i, label in enumerate(seq.labels):
+                    if label != IGNORE:
+                        total, n = total + lp[i, label].item(), n + 1
+            assert summed[a].item() == pytest.approx(total, abs=1e-3)
+            assert nll[a].item() == pytest.approx(-total / n, abs=1e-5)
+            assert mean[a].item() == pytest.approx(total / n, abs=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        PreferConfig(output="x", from_adapter="pasta", layout="diagonal")

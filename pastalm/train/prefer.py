@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..lang.layout import IGNORE, ReservePolicy
 from ..lang.render import validate
-from .data import LayoutCollator, build_example
+from .data import LayoutCollator, build_weighted
 from .io import append_jsonl, read_jsonl
 
 
@@ -63,6 +63,7 @@ class PreferConfig:
     grad_accum: int = 2
     max_length: int = 640
     reserve_scale: float = 1.0
+    layout: str = "reserve"  # "linear": sample and train in the layout vLLM runs (docs/spec.md section 3)
     seed: int = 0
     limit: int | None = None
     per_category: int | None = None
@@ -72,6 +73,8 @@ class PreferConfig:
     def __post_init__(self):
         if self.ipo_norm not in ("mean", "sum"):
             raise ValueError(f"ipo_norm must be 'mean' or 'sum', not {self.ipo_norm!r}")
+        if self.layout not in ("reserve", "linear"):
+            raise ValueError(f"layout must be 'reserve' or 'linear', not {self.layout!r}")
 
 
 # -- scoring and pairs ---------------------------------------------------------------------------------------------
@@ -126,10 +129,19 @@ def bonbon_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor,
     return (alpha * nll_w + (1.0 - alpha) * ipo).mean()
 
 
-def ipo_logps(logits: torch.Tensor, labels: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the log-probability the IPO term uses (per-token mean for norm "mean", sum for "sum") and the
-    mean negative log-likelihood (the winner's likelihood term)."""
-    summed, nll = sequence_logps(logits, labels)
+def ipo_logps(logits: torch.Tensor, labels: torch.Tensor, norm: str,
+              owner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer: the log-probability the IPO term uses (per-token mean for norm "mean", sum for "sum") and the
+    mean negative log-likelihood (the winner's likelihood term). Row i of the batch belongs to answer `owner[i]`
+    (default: one row per answer); the linear layout splits an answer into one row per re-laid sync, and every
+    answer token is labelled in exactly one of them, so an answer's log-probability is the sum over its rows."""
+    summed, _ = sequence_logps(logits, labels)
+    count = (labels != IGNORE).sum(-1).to(summed.dtype)
+    if owner is not None:
+        n = int(owner.max()) + 1
+        summed = torch.zeros(n, dtype=summed.dtype, device=summed.device).index_add(0, owner, summed)
+        count = torch.zeros(n, dtype=count.dtype, device=count.device).index_add(0, owner, count)
+    nll = -summed / count.clamp(min=1)
     return (-nll if norm == "mean" else summed), nll
 
 
@@ -157,7 +169,7 @@ def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, j
     have = {r["id"] for r in done}
     todo = [p for p in prompts if p["id"] not in have]
     base = GenerateConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          reserve_scale=cfg.reserve_scale)
+                          reserve_scale=cfg.reserve_scale if cfg.layout == "reserve" else None, layout=cfg.layout)
     per_batch = max(1, cfg.batch_requests // cfg.samples)
     bar = tqdm(total=len(todo), desc="sample", unit="prompt", disable=not progress)
     for i in range(0, len(todo), per_batch):
@@ -219,27 +231,35 @@ def reference_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path
 
 
 def pair_layouts(tokenizer, pairs: list[dict], cfg: PreferConfig) -> tuple[list[dict], int]:
-    policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale)
+    """Each pair's winner and loser as lists of layouts: one each in the reserve layout, one per re-laid sync in
+    the linear layout (`build_weighted`). A pair with an example longer than `max_length` is skipped."""
+    policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     out, skipped = [], 0
     for p in pairs:
         try:
-            w = build_example(tokenizer, p["prompt"], p["winner"], policy, tokenizer.eos_token_id, cfg.system)
-            lo = build_example(tokenizer, p["prompt"], p["loser"], policy, tokenizer.eos_token_id, cfg.system)
+            w, lo = ([seq for seq, _ in build_weighted(tokenizer, p["prompt"], p[k], policy, tokenizer.eos_token_id,
+                                                        cfg.system)] for k in ("winner", "loser"))
         except ValueError:
             skipped += 1
             continue
-        if max(len(w.input_ids), len(lo.input_ids)) > cfg.max_length:
+        if max(len(seq.input_ids) for seq in w + lo) > cfg.max_length:
             skipped += 1
             continue
         out.append({"w": w, "l": lo})
     return out, skipped
 
 
-def _pair_batch(collate, chunk: list[dict], model) -> dict:
-    """Winners then losers of `chunk` as one batch, on the model's device."""
-    batch = collate([{"layout": it["w"]} for it in chunk] + [{"layout": it["l"]} for it in chunk])
+def _pair_batch(collate, chunk: list[dict], model) -> tuple[dict, torch.Tensor]:
+    """Winners then losers of `chunk` as one batch on the model's device, and each row's answer: answer j is
+    chunk[j]'s winner, answer len(chunk) + j its loser."""
+    rows, owner = [], []
+    for side in ("w", "l"):
+        for j, it in enumerate(chunk):
+            rows += [{"layout": seq} for seq in it[side]]
+            owner += [j + (len(chunk) if side == "l" else 0)] * len(it[side])
+    batch = collate(rows)
     dev = next(model.parameters()).device
-    return {k: v.to(dev) for k, v in batch.items()}
+    return {k: v.to(dev) for k, v in batch.items()}, torch.tensor(owner, device=dev)
 
 
 @torch.no_grad()
@@ -249,9 +269,9 @@ def reference_logps(model, items: list[dict], collate, batch_size: int, norm: st
     model.eval()
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        batch = _pair_batch(collate, chunk, model)
+        batch, owner = _pair_batch(collate, chunk, model)
         labels = batch.pop("labels")
-        logp, _ = ipo_logps(model(**batch).logits, labels, norm)
+        logp, _ = ipo_logps(model(**batch).logits, labels, norm, owner)
         for j, it in enumerate(chunk):
             it["ref_w"], it["ref_l"] = float(logp[j]), float(logp[len(chunk) + j])
     model.train(was_training)
@@ -276,9 +296,9 @@ def train_pairs(model, tokenizer, items: list[dict], cfg: PreferConfig, progress
         order = torch.randperm(len(items), generator=g).tolist()
         for i in range(0, len(order), cfg.batch_size):
             chunk = [items[j] for j in order[i:i + cfg.batch_size]]
-            batch = _pair_batch(collate, chunk, model)
+            batch, owner = _pair_batch(collate, chunk, model)
             labels = batch.pop("labels")
-            logp, nll = ipo_logps(model(**batch).logits, labels, cfg.ipo_norm)
+            logp, nll = ipo_logps(model(**batch).logits, labels, cfg.ipo_norm, owner)
             n = len(chunk)
             ref_w = torch.tensor([it["ref_w"] for it in chunk], device=logp.device)
             ref_l = torch.tensor([it["ref_l"] for it in chunk], device=logp.device)
@@ -337,7 +357,10 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
         elif old["from_sha256"] != saved["from_sha256"]:
             raise ValueError(f"{out} was started from other weights than --from {cfg.from_adapter} gives now "
                              f"({start}); pass the adapter the run started from, or a new --output")
-        diff = [k for k in saved if k not in ("rounds", "lambdas", "from_sha256") and old.get(k) != saved[k]]
+        # a setting added after the run started is absent from its file: it ran with that setting's default
+        defaults = asdict(PreferConfig(output=cfg.output, from_adapter=cfg.from_adapter))
+        diff = [k for k in saved if k not in ("rounds", "lambdas", "from_sha256")
+                and old.get(k, defaults.get(k)) != saved[k]]
         if diff:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); resume with the same "
                              "settings or pass a new --output")

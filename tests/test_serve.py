@@ -215,7 +215,7 @@ def test_cancelled_stream_frees_its_request(server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400,
      "at most 1000"),
     ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "pasta": {"max_threads": "x"}}, 400,
      "pasta.max_threads"),
@@ -269,8 +269,204 @@ def test_api_key_and_queue_limit(folder):
         next(iter(stream))
         with pytest.raises(openai.RateLimitError) as e:
             ask(good, "me too", max_tokens=2)
-        assert "busy" in str(e.value)
+        assert "busy" in str(e.value) and e.value.response.headers.get("retry-after") == "1"
         stream.close()
     finally:
         err = stop(proc)
     assert KEY not in err
+
+
+# -- hardening (issue 15) ------------------------------------------------------------------------------------------
+
+def raw_request(url: str, head: str, body_chunks=(), read: bool = True) -> tuple[int, dict, bytes]:
+    """Send a request over a plain socket (headers as given, then the body pieces); return status, headers, body.
+    The server may answer and close before the body is all sent: sending then stops."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=60)
+    try:
+        sock.sendall(head.replace("{host}", u.netloc).encode())
+        for piece in body_chunks:
+            try:
+                sock.sendall(piece)
+            except OSError:  # the server refused and closed
+                break
+        data = b""
+        while read:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head_b, _, body = data.partition(b"\r\n\r\n")
+    lines = head_b.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # de-chunk
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in get(url + "/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.split()[-1])
+    return total
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(server):
+    """--max-body-bytes (1 MiB) holds for a body without Content-Length: 413 JSON once it passes the limit."""
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    start, piece = b'{"model": "tiny", "messages": [{"role": "user", "content": "', b"x" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(start), start)] + [b"%x\r\n%s\r\n" % (len(piece), piece)] * 48
+    before = metric(server, 'pasta_requests_total{endpoint="/v1/chat/completions",status="413"}')
+    status, _, body = raw_request(server, head, chunks)  # 3 MiB announced by nobody
+    assert status == 413
+    assert "limit" in json.loads(body)["error"]["message"]
+    assert metric(server, 'pasta_requests_total{endpoint="/v1/chat/completions",status="413"}') == before + 1
+    assert ask(client(server), "hi", max_tokens=3).choices  # and it goes on serving
+
+
+def test_every_error_is_json_and_counted(server):
+    # a lone surrogate survives JSON but not UTF-8: a clear 400, not a plain-text 500
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}'.encode()
+    r = http("POST", server + "/v1/chat/completions", content=body)
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"]
+    r = http("POST", server + "/v1/completions", content=b'{"model": "tiny", "prompt": "\\udfff"}')
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"]
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        before = metric(server, f'pasta_requests_total{{endpoint="{path}",status="{status}"}}')
+        r = http(method, server + path)
+        assert r.status_code == status and r.json()["error"]["message"]
+        assert metric(server, f'pasta_requests_total{{endpoint="{path}",status="{status}"}}') == before + 1
+    before = metric(server, 'pasta_requests_total{endpoint="/v1/chat/completions",status="400"}')
+    http("POST", server + "/v1/chat/completions", content=b"{not json")
+    assert metric(server, 'pasta_requests_total{endpoint="/v1/chat/completions",status="400"}') == before + 1
+
+
+def test_a_disconnected_non_streamed_request_is_cancelled(server):
+    before = metric(server, "pasta_cancelled_requests_total")
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}],
+                       "max_tokens": 1000, "ignore_eos": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {{host}}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(head.replace("{host}", u.netloc).encode() + body)
+    deadline = time.monotonic() + 20
+    while get(server + "/health").json()["running"] == 0:  # it is being decoded
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()  # the client gives up without reading
+    deadline = time.monotonic() + 20
+    while True:
+        h = get(server + "/health").json()
+        if h["running"] == 0 and h["cache_slots"] == 0:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert metric(server, "pasta_cancelled_requests_total") == before + 1
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(server):
+    c = client(server)
+    full = ask(c, "Tell me a story.", max_tokens=40, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    assert len(text) > 20
+    stop = text[10:16]
+    want = text[: text.find(stop)]
+    r = ask(c, "Tell me a story.", max_tokens=40, stop=[stop, "\x00never"], extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens <= 40
+    parts, finish = [], None
+    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
+                                        max_tokens=40, stop=stop, stream=True, extra_body={"ignore_eos": True}):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+    assert "".join(parts) == want and finish == "stop"
+    t = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, extra_body={"ignore_eos": True})
+    stop = t.choices[0].text[5:9]
+    cut = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, stop=stop,
+                               extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == t.choices[0].text[: t.choices[0].text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_prompt_lists_seeds_and_refusals(server):
+    c = client(server)
+    r = ask(c, "Name a colour.", max_tokens=12, n=3, temperature=1.0, seed=5)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in r.choices]
+    assert len(set(texts)) > 1  # different seeds per choice
+    again = ask(c, "Name a colour.", max_tokens=12, n=3, temperature=1.0, seed=5)
+    assert [ch.message.content for ch in again.choices] == texts  # a seed makes it reproducible
+    assert r.usage.completion_tokens <= 3 * 12
+    # without a seed, sampling differs from call to call (as OpenAI's)
+    free = {ask(c, "Name a colour.", max_tokens=12, temperature=1.0).choices[0].message.content for _ in range(3)}
+    assert len(free) > 1
+    # a list of prompts: one choice per prompt, in order, each the answer to that prompt alone
+    prompts = ["The sky is", "Cats like", "One two three"]
+    many = c.completions.create(model="tiny", prompt=prompts, max_tokens=8)
+    alone = [c.completions.create(model="tiny", prompt=p, max_tokens=8).choices[0].text for p in prompts]
+    assert [ch.index for ch in many.choices] == [0, 1, 2] and [ch.text for ch in many.choices] == alone
+    # streamed n > 1: every choice's deltas put together give its answer
+    got: dict[int, str] = {}
+    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a colour."}],
+                                        max_tokens=12, n=3, temperature=1.0, seed=5, stream=True):
+        for part in ch.choices:
+            got[part.index] = got.get(part.index, "") + (part.delta.content or "")
+    assert [got[i] for i in range(3)] == texts
+    # an assistant turn without content is accepted
+    ok = c.chat.completions.create(model="tiny", max_tokens=4, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "and?"}])
+    assert ok.choices[0].message.content is not None
+    # what the server does not do is refused, never silently ignored
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"logprobs": True}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, "hi", max_tokens=2, **extra)
+        assert param in str(e.value)
+    assert ask(c, "hi", max_tokens=2, response_format={"type": "text"}).choices
+
+
+def test_tiny_temperatures_fail_nobody(server):
+    """temperature or top_p of 1e-300 once made NaN probabilities and failed every request in flight."""
+    c = client(server)
+    alone = ask(c, "Tell me about rivers.", max_tokens=30).choices[0].message.content
+    results, errors = {}, []
+
+    def run(name, **kw):
+        try:
+            results[name] = ask(client(server), "Tell me about rivers.", max_tokens=30, **kw).choices[0].message.content
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((name, e))
+
+    threads = [threading.Thread(target=run, args=("plain",)),
+               threading.Thread(target=run, args=("tiny_t",), kwargs={"temperature": 1e-300}),
+               threading.Thread(target=run, args=("tiny_p",), kwargs={"temperature": 1.0, "top_p": 1e-300})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert results["plain"] == alone and results["tiny_t"] == alone  # a tiny temperature is greedy
+    assert results["tiny_p"] == alone  # a tiny top_p keeps only the most likely token

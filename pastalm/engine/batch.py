@@ -25,6 +25,7 @@ class Batcher:
         self.active: list[Request] = []
         self._next_id = 0
         self.steps = 0
+        self.failures: list[tuple[Request, str]] = []  # requests that failed alone, not yet taken
 
     def add(self, prompt_ids: list[int], config, scripts: list[list[int]] | None = None, scaffold: bool = False,
             forced: bool = False, on_text=None, stop_ids: set[int] | None = None) -> Request:
@@ -59,30 +60,62 @@ class Batcher:
         return self.runner.stats()
 
     def step(self) -> list[Request]:
-        """One runner step for every live request; returns the requests that finished in this step."""
+        """One runner step for every live request; returns the requests that finished in this step.
+
+        A failure that belongs to one request (its interpreter, its sampling) ends that request only: it leaves
+        with `error` set and its text so far, and is listed by `take_failures`, not returned here. A failure of
+        the shared runner step itself propagates."""
         finished: list[Request] = []
         work = []
         for req in list(self.active):
             interp = req.interp
-            if interp.finished:
-                finished.append(self._finish(req))
+            try:
+                if interp.finished:
+                    finished.append(self._finish(req))
+                    continue
+                fs = interp.schedule()
+                if not fs and not req.waiting:
+                    interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
+                    finished.append(self._finish(req))
+                    continue
+                req.waiting.update(interp.fed(fs))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                self._fail(req, e)
                 continue
-            fs = interp.schedule()
-            if not fs and not req.waiting:
-                interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
-                finished.append(self._finish(req))
-                continue
-            req.waiting.update(interp.fed(fs))
             work.append((req, fs))
         if work:
             chosen = self.runner.step(work)
             self.steps += 1
             for req, _ in work:
-                self._advance(req, chosen)
-                if req.interp.finished:
-                    finished.append(self._finish(req))
+                if req.error is not None:  # the runner could not serve it
+                    self._fail(req, None)
+                    continue
+                try:
+                    self._advance(req, chosen)
+                    if req.interp.finished:
+                        finished.append(self._finish(req))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(req, e)
         self._collect()
         return finished
+
+    def _fail(self, req: Request, exc: Exception | None) -> None:
+        """End `req` alone after a failure of its own; the rest of the batch goes on."""
+        if exc is not None:
+            req.error = f"{type(exc).__name__}: {exc}"
+        try:
+            req.interp.stop("error")
+            self._finish(req)
+        except Exception:  # noqa: BLE001 - its state is broken: keep what can be kept
+            req.result = Result(text="", raw="", model=self.engine.name, mode=req.mode, prompt_tokens=req.prompt_len,
+                                tokens=0, tag_tokens=0, decode_steps=req.steps, threads=0, theoretical_speedup=1.0,
+                                wall_s=round(time.perf_counter() - req.t0, 4), limits_hit=["error"])
+        self.failures.append((req, req.error))
+
+    def take_failures(self) -> list[tuple[Request, str]]:
+        """The requests that failed alone since the last call, with their errors."""
+        out, self.failures = self.failures, []
+        return out
 
     def _advance(self, req: Request, chosen: dict[tuple[int, int], int]) -> None:
         interp = req.interp
@@ -129,6 +162,7 @@ class Batcher:
             finish=[t.finish for t in interp.threads],
             pieces=interp.pieces(),
             token_ids=[interp.threads[0].tokens[req.prompt_len:]] + [t.tokens for t in interp.threads[1:]],
+            chosen=interp.num_chosen(),
             logits=req.logits,
         )
         return req

@@ -87,6 +87,8 @@ class Engine:
         req = batcher.add(prompt_ids, config, scripts, scaffold=scaffold, forced=force is not None, on_text=on_text)
         while not req.done:
             batcher.step()
+        if req.error is not None:
+            raise RuntimeError(f"decoding failed: {req.error}")
         return req.result
 
     def batcher(self) -> Batcher:

@@ -116,11 +116,14 @@ class HFRunner:
         for k, (req, f) in enumerate(feeds):
             if req.logits is not None:
                 req.logits[(f.thread, f.last)] = logits[k].float().clone()
-            if f.thread in req.waiting and req.interp.scripted(f.thread) is None:
-                if f.thread not in req.generators:
-                    req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
-                chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
-                                                    req.generators[f.thread])
+            if f.thread in req.waiting and req.interp.scripted(f.thread) is None and req.error is None:
+                try:  # one request's sampling settings must not fail the others
+                    if f.thread not in req.generators:
+                        req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
+                    chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
+                                                        req.generators[f.thread])
+                except Exception as e:  # noqa: BLE001 - reported as this request's failure by the step loop
+                    req.error = f"sampling failed: {type(e).__name__}: {e}"
         return chosen
 
     def release(self, gone: list, live: list, now: bool = False) -> None:

@@ -111,6 +111,7 @@ class Result:
     finish: list[str] = field(default_factory=list)  # why each thread ended, main first
     pieces: list[dict] = field(default_factory=list)  # reading order: {"thread", "text", "finish"} per piece
     token_ids: list[list[int]] = field(default_factory=list)  # each thread's written tokens (main without prompt)
+    chosen: int = 0  # tokens the model chose, tags included, forced <async> not: what max_new_tokens bounds
     logits: dict | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -139,6 +140,7 @@ class Request:
     columns: dict[int, int] = field(default_factory=dict)  # layout column -> the runner's global column
     waiting: set[int] = field(default_factory=set)  # threads that want a token and have not been given one
     result: Result | None = None  # once finished
+    error: str | None = None  # set when this request failed on its own (the batch goes on without it)
 
     @property
     def done(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -66,11 +68,26 @@ class TextPart(BaseModel):
     text: str
 
 
+MAX_CHOICES = 16  # n x prompts of one request
+
+
+def _utf8(text: str, what: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" survives JSON but not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {e.object[e.start:e.end]!a} at character {e.start}, which is not valid "
+                         "Unicode (a lone surrogate); send UTF-8 text") from None
+    return text
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null: an assistant turn without text (as OpenAI allows)
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -81,11 +98,47 @@ class _Common(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
     stream: bool = False
     pasta: PastaOptions | None = None
     raw: bool = False
     ignore_eos: bool = False  # as vLLM's: decode until a limit (for benchmarks)
+    # what this server does not do is refused, never ignored
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("give at most 4 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("a stop string is empty")
+        return [_utf8(s, "a stop string") for s in stops]
+
+    def refuse_unsupported(self) -> None:
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise APIError(400, f"response_format {fmt!r} is not supported by this server; leave it out or use "
+                                "{'type': 'text'}", param="response_format", code="unsupported_parameter")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} (function calling) is not supported by this server; leave them out",
+                               param=name, code="unsupported_parameter")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise APIError(400, f"{name} is not supported by this server (no tools); leave it out",
+                               param=name, code="unsupported_parameter")
+        if self.logprobs or self.top_logprobs:
+            raise APIError(400, "logprobs are not supported by this server yet; leave logprobs and top_logprobs "
+                                "out", param="logprobs", code="unsupported_parameter")
 
 
 class ChatRequest(_Common):
@@ -95,6 +148,8 @@ class ChatRequest(_Common):
     @field_validator("messages")
     @classmethod
     def _has_content(cls, v: list[Message]) -> list[Message]:
+        for i, m in enumerate(v):
+            _utf8(m.text(), f"messages[{i}].content")
         if not any(m.text().strip() for m in v):
             raise ValueError("every message is empty; give some text")
         return v
@@ -105,14 +160,18 @@ class CompletionRequest(_Common):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("give one prompt (a string or a list of one string)")
-            v = v[0]
-        if not v.strip():
-            raise ValueError("the prompt is empty; give some text")
-        return v
+    def _prompts(cls, v) -> list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("the prompt list is empty; give at least one prompt")
+        if len(prompts) > MAX_CHOICES:
+            raise ValueError(f"give at most {MAX_CHOICES} prompts in one request")
+        for i, p in enumerate(prompts):
+            _utf8(p, "the prompt" if isinstance(v, str) else f"prompt[{i}]")
+            if not p.strip():
+                raise ValueError("the prompt is empty; give some text" if isinstance(v, str)
+                                 else f"prompt[{i}] is empty; give some text")
+        return prompts
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -120,8 +179,9 @@ class CompletionRequest(_Common):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -177,6 +237,45 @@ class Metrics:
 # -- the app -------------------------------------------------------------------------------------------------------
 
 
+class StopText:
+    """Cuts one choice's streamed text at the first of its stop strings. It holds back the last
+    (longest stop - 1) characters until the next delta shows they do not begin a stop string, so no part of a stop
+    string is ever sent, also when it spans deltas (or an async block's text: deltas come in reading order)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(x) for x in stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """The text that may be sent now."""
+        if self.stopped:
+            return ""
+        self.buf += delta
+        hits = [i for i in (self.buf.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.buf = self.buf[: min(hits)], ""
+            return out
+        keep = min(self.hold, len(self.buf))
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        """At the end of the answer: what was held back."""
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+class _Choice:
+    """One choice of a request being answered: its job, its stop strings and its text so far."""
+
+    def __init__(self, job: Job, stops: list[str]):
+        self.job, self.stop = job, StopText(stops)
+        self.text, self.result, self.error = "", None, None
+
+
 def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(engine, cfg.max_running, cfg.max_queue, metrics)
@@ -197,43 +296,68 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     def _endpoint(request: Request) -> str:
         return request.url.path
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Body size and API key, before anything reads the body."""
-        path = request.url.path
-        if path.startswith("/v1/"):
-            if cfg.api_key is not None:
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                    metrics.requests.labels(path, "401").inc()
-                    return JSONResponse(error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                                   "authentication_error", code="invalid_api_key"), 401)
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
-                metrics.requests.labels(path, "413").inc()
-                return JSONResponse(error_body(f"the request body has {size} bytes; the limit is "
-                                               f"{cfg.max_body_bytes}", "invalid_request_error"), 413)
-        return await call_next(request)
+    def _error(request: Request, status: int, message: str, type_: str, param: str | None = None,
+               code: str | None = None, headers: dict | None = None) -> JSONResponse:
+        """Every error: an OpenAI-style object, counted in pasta_requests_total."""
+        metrics.requests.labels(_endpoint(request), str(status)).inc()
+        return JSONResponse(error_body(message, type_, param, code), status, headers=headers)
+
+    class Guard:
+        """API key and announced body size of /v1/ calls, before anything reads the body. A plain ASGI middleware
+        (not `@app.middleware`), so handlers see the client's own `receive` and notice a disconnect."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                request = Request(scope)
+                reply = None
+                if cfg.api_key is not None:
+                    given = request.headers.get("authorization", "")
+                    token = given[7:] if given.lower().startswith("bearer ") else ""
+                    if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                        reply = _error(request, 401, "invalid or missing API key (send 'Authorization: Bearer "
+                                       "KEY')", "authentication_error", code="invalid_api_key")
+                size = request.headers.get("content-length")
+                if reply is None and size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+                    reply = _error(request, 413, f"the request body has {size} bytes; the limit is "
+                                   f"{cfg.max_body_bytes}", "invalid_request_error", code="request_too_large")
+                if reply is not None:
+                    await reply(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         parts = []
         for e in exc.errors():
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        metrics.requests.labels(_endpoint(request), "400").inc()
+            msg = str(e.get("msg")).removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
         param = ".".join(str(x) for x in exc.errors()[0].get("loc", ())[1:]) if exc.errors() else None
-        return JSONResponse(error_body("invalid request: " + "; ".join(parts), "invalid_request_error", param), 400)
+        return _error(request, 400, "invalid request: " + "; ".join(parts), "invalid_request_error", param)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        metrics.requests.labels(_endpoint(request), str(exc.status)).inc()
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        return _error(request, exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            message = f"the request body is larger than the limit of {cfg.max_body_bytes} bytes"
+        return _error(request, exc.status_code, message, "invalid_request_error",
+                      code="request_too_large" if exc.status_code == 413 else None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        import traceback
+
+        traceback.print_exception(exc)
+        return _error(request, 500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
@@ -252,6 +376,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if body.model != cfg.model_id:
             raise APIError(404, f"model '{body.model}' is not served here; this server serves '{cfg.model_id}' "
                                 "(GET /v1/models)", param="model", code="model_not_found")
+        body.refuse_unsupported()
         if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens_limit}",
                            param="max_tokens")
@@ -261,8 +386,8 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             kw["temperature"] = body.temperature
         if body.top_p is not None:
             kw["top_p"] = body.top_p
-        if body.seed is not None:
-            kw["seed"] = body.seed
+        # as OpenAI's: without a seed, sampling differs from call to call; with one it is reproducible
+        kw["seed"] = body.seed if body.seed is not None else secrets.randbits(62)
         if body.pasta is not None:
             kw["sequential"] = not body.pasta.enabled
             if body.pasta.reserve_scale is not None:
@@ -287,76 +412,129 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                                 f"{cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded")
 
-    def _submit(ids: list[int], config: GenerateConfig, ignore_eos: bool = False) -> Job:
-        job = Job(ids, config, asyncio.get_running_loop(), stop_ids=set() if ignore_eos else None)
+    def _submit(prompts: list[list[int]], body: _Common, config: GenerateConfig) -> list[_Choice]:
+        """One job per prompt and choice (n), sharing one event queue; choice k of prompt p has index p * n + k
+        and seed + k. All or none are queued."""
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} choices; "
+                                f"this server gives at most {MAX_CHOICES} per request", param="n")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        choices: list[_Choice] = []
         try:
-            scheduler.submit(job)
-        except Busy as e:
-            raise APIError(429, str(e), "rate_limit_error", code="server_busy") from None
-        except Closed as e:
+            for p, ids in enumerate(prompts):
+                for k in range(body.n):
+                    job = Job(ids, replace(config, seed=config.seed + k), loop, queue, index=len(choices),
+                              stop_ids=set() if body.ignore_eos else None)
+                    scheduler.submit(job)
+                    choices.append(_Choice(job, body.stop or []))
+        except (Busy, Closed) as e:
+            for c in choices:
+                scheduler.cancel(c.job, client_gone=False)
+            if isinstance(e, Busy):
+                raise APIError(429, str(e), "rate_limit_error", code="server_busy",
+                               headers={"Retry-After": "1"}) from None
             raise APIError(503, str(e), "server_error", code="shutting_down") from None
-        return job
+        return choices
 
-    def _usage(res) -> dict:
-        return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.tokens + res.tag_tokens,
-                "total_tokens": res.prompt_tokens + res.tokens + res.tag_tokens, "decode_steps": res.decode_steps,
-                "threads": res.threads, "theoretical_speedup": res.theoretical_speedup,
-                "tag_tokens": res.tag_tokens}
+    def _usage(results: list, n: int = 1) -> dict:
+        """completion_tokens: the tokens the model chose (tags included, the forced `<async>` not), the count
+        max_tokens bounds; over several choices, their sum (each prompt's tokens counted once)."""
+        prompt = sum(r.prompt_tokens for r in results[::n])
+        chosen = sum(r.chosen for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": chosen, "total_tokens": prompt + chosen,
+                "decode_steps": max(r.decode_steps for r in results), "threads": sum(r.threads for r in results),
+                "theoretical_speedup": round(sum(r.theoretical_speedup for r in results) / len(results), 4),
+                "tag_tokens": sum(r.tag_tokens for r in results)}
 
-    def _finish_reason(res) -> str:
-        return "length" if any(x in LENGTH_LIMITS for x in res.limits_hit) else "stop"
+    def _finish_reason(c: _Choice) -> str:
+        if c.stop.stopped:
+            return "stop"
+        return "length" if any(x in LENGTH_LIMITS for x in c.result.limits_hit) else "stop"
 
-    async def _wait(job: Job):
-        """The final result of a non-streamed job (text events are dropped)."""
+    def _on_event(c: _Choice, kind: str, payload) -> str:
+        """Apply one event to its choice; return the text that may be sent now."""
+        if kind == "text":
+            out = c.stop.feed(payload)
+            if c.stop.stopped:  # a stop string: the answer ends here; decoding stops at the next step
+                scheduler.cancel(c.job, client_gone=False)
+        elif kind == "done":
+            c.result = payload
+            out = c.stop.flush()
+        else:
+            c.error = payload
+            out = ""
+        c.text += out
+        return out
+
+    async def _collect(choices: list[_Choice], request: Request) -> None:
+        """Wait for every choice of a non-streamed request; a client that disconnects meanwhile cancels them."""
+        queue = choices[0].job.queue
+        open_ = {c.job.index for c in choices}
         try:
-            while True:
-                kind, payload = await job.queue.get()
-                if kind == "done":
-                    return payload
-                if kind == "error":
-                    raise APIError(500, payload, "server_error")
+            while open_:
+                try:
+                    index, kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                c = choices[index]
+                _on_event(c, kind, payload)
+                if kind != "text":
+                    open_.discard(index)
         except asyncio.CancelledError:
-            scheduler.cancel(job)
+            for c in choices:
+                if c.result is None:
+                    scheduler.cancel(c.job)
             raise
+        failed = [c.error for c in choices if c.error is not None]
+        if failed:
+            raise APIError(500, failed[0], "server_error")
 
-    def _stream(job: Job, chunk, final, endpoint: str):
+    def _stream(choices: list[_Choice], chunk, final, endpoint: str):
+        queue = choices[0].job.queue
+
         async def events():
-            done = False
+            open_ = {c.job.index for c in choices}
             try:
-                yield _sse(chunk(None, first=True))
-                while True:
-                    kind, payload = await job.queue.get()
-                    if kind == "text":
-                        yield _sse(chunk(payload))
-                    elif kind == "done":
-                        done = True
-                        metrics.requests.labels(endpoint, "200").inc()
-                        yield _sse(final(payload))
-                        yield "data: [DONE]\n\n"
-                        return
-                    else:
-                        done = True
+                for c in choices:
+                    yield _sse(chunk(c, None, first=True))
+                while open_:
+                    index, kind, payload = await queue.get()
+                    c = choices[index]
+                    text = _on_event(c, kind, payload)
+                    if text:
+                        yield _sse(chunk(c, text))
+                    if kind == "error":
+                        open_.clear()
                         metrics.requests.labels(endpoint, "500").inc()
                         yield _sse(error_body(payload, "server_error"))
                         return
+                    if kind == "done":
+                        open_.discard(index)
+                        yield _sse(final(c))
+                metrics.requests.labels(endpoint, "200").inc()
+                yield "data: [DONE]\n\n"
             finally:
-                if not done:  # the client went away: free its request
-                    scheduler.cancel(job)
+                for c in choices:  # the client went away (or one choice failed): free the rest
+                    if c.result is None:
+                        scheduler.cancel(c.job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _respond(body: _Common, ids: list[int], config: GenerateConfig, chat: bool):
-        """Submit the job; answer with one response object or a stream of chunks. Chat and text completions
+    async def _respond(request: Request, body: _Common, prompts: list[list[int]], config: GenerateConfig,
+                       chat: bool):
+        """Submit the jobs; answer with one response object or a stream of chunks. Chat and text completions
         differ only in their object names and where the text goes (`message`/`delta` against `text`)."""
-        job = _submit(ids, config, body.ignore_eos)
+        choices = _submit(prompts, body, config)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         rid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
 
-        def envelope(obj: str, choice: dict, res=None) -> dict:
-            out = {"id": rid, "object": obj, "created": now, "model": cfg.model_id, "choices": [{"index": 0, **choice}]}
-            if res is not None:
-                out.update(usage=_usage(res), limits_hit=res.limits_hit)
+        def envelope(obj: str, parts: list[dict], results: list | None = None, n: int = 1) -> dict:
+            out = {"id": rid, "object": obj, "created": now, "model": cfg.model_id, "choices": parts}
+            if results is not None:
+                out.update(usage=_usage(results, n), limits_hit=sorted({x for r in results for x in r.limits_hit}))
             return out
 
         def text_part(text: str, first: bool = False) -> dict:
@@ -367,26 +545,33 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if body.stream:
             obj = "chat.completion.chunk" if chat else "text_completion"
 
-            def chunk(text, first=False):
-                return envelope(obj, {**text_part("" if first else text, first), "finish_reason": None})
+            def chunk(c: _Choice, text, first=False):
+                return envelope(obj, [{"index": c.job.index, **text_part("" if first else text, first),
+                                       "finish_reason": None}])
 
-            def final(res):
-                out = envelope(obj, {**({"delta": {}} if chat else text_part("")),
-                                     "finish_reason": _finish_reason(res)}, res)
+            def final(c: _Choice):
+                part = {"delta": {}} if chat else text_part("")
+                out = envelope(obj, [{"index": c.job.index, **part, "finish_reason": _finish_reason(c)}], [c.result])
                 if body.raw:
-                    out["raw"] = res.raw
+                    out["raw"] = c.result.raw
                 return out
 
-            return _stream(job, chunk, final, endpoint)
-        res = await _wait(job)
+            return _stream(choices, chunk, final, endpoint)
+        await _collect(choices, request)
         metrics.requests.labels(endpoint, "200").inc()
-        content = res.raw if body.raw else res.text
-        part = {"message": {"role": "assistant", "content": content}} if chat else text_part(content)
-        return envelope("chat.completion" if chat else "text_completion",
-                        {**part, "finish_reason": _finish_reason(res)}, res)
+        parts = []
+        for c in choices:
+            content = c.result.raw if body.raw else c.text
+            part = {"message": {"role": "assistant", "content": content}} if chat else text_part(content)
+            parts.append({"index": c.job.index, **part, "finish_reason": _finish_reason(c)})
+        return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
+                        body.n)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    # max_body_size: FastAPI counts the bytes while it reads the body, so a chunked body (no Content-Length) is
+    # refused with 413 as soon as it passes the limit, not read whole first; an announced size over the limit is
+    # refused by `guard` before the body is read at all
+    @app.post("/v1/chat/completions", max_body_size=cfg.max_body_bytes)
+    async def chat(body: ChatRequest, request: Request):
         from ..models import chat_messages
 
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -394,16 +579,17 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if cfg.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": cfg.system})
-        ids = chat_messages(engine.tokenizer, msgs)
+        ids = await run_in_threadpool(chat_messages, engine.tokenizer, msgs)  # CPU work: off the event loop
         _check_prompt(ids)
-        return await _respond(body, ids, config, chat=True)
+        return await _respond(request, body, [ids], config, chat=True)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", max_body_size=cfg.max_body_bytes)
+    async def completions(body: CompletionRequest, request: Request):
         config = _config(body, body.max_tokens)
-        ids = list(engine.tokenizer.encode(body.prompt))
-        _check_prompt(ids)
-        return await _respond(body, ids, config, chat=False)
+        prompts = await run_in_threadpool(lambda: [list(engine.tokenizer.encode(p)) for p in body.prompt])
+        for ids in prompts:
+            _check_prompt(ids)
+        return await _respond(request, body, prompts, config, chat=False)
 
     return app
 

@@ -28,24 +28,27 @@ class Closed(Exception):
 
 @dataclass
 class Job:
-    """One request as the serving loop sees it. Events on `queue`: ("text", delta), ("done", Result),
-    ("error", message)."""
+    """One request (one choice of one HTTP request) as the serving loop sees it. Events on `queue`:
+    (index, "text", delta), (index, "done", Result), (index, "error", message); the jobs of one HTTP request (n
+    choices, several prompts) share a queue and tell their events apart by `index`."""
 
     prompt_ids: list[int]
     config: GenerateConfig
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_text: float | None = None
     request: object = None  # the Batcher's Request once admitted
     stop_ids: set[int] | None = None  # None: the engine's; empty: ignore EOS
     id: int = field(default_factory=itertools.count().__next__)
+    client_gone: bool = False
 
     def emit(self, kind: str, payload) -> None:
         if kind == "text" and self.first_text is None:
             self.first_text = time.perf_counter()
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, payload))
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
 
@@ -89,8 +92,11 @@ class Scheduler:
             self.waiting.append(job)
             self.cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job, client_gone: bool = True) -> None:
+        """End `job` at the next step boundary (or drop it from the queue); its "done" event carries the text so
+        far. `client_gone` counts it in `pasta_cancelled_requests_total` (a stop string ending it does not)."""
         with self.cond:
+            job.client_gone = client_gone
             self.cancels.append(job)
             self.cond.notify_all()
 
@@ -110,17 +116,25 @@ class Scheduler:
                     break
                 cancels, self.cancels = self.cancels, []
                 for job in cancels:
-                    if job in self.waiting:
+                    if job in self.waiting:  # never admitted: nothing to free, nothing decoded
                         self.waiting.remove(job)
                         self.in_flight -= 1
+                        if self.metrics is not None and job.client_gone:
+                            self.metrics.cancelled()
+                        job.emit("error", "cancelled while queued")
                 admit = []
                 while self.waiting and len(self.batcher.active) + len(admit) < self.max_running:
                     admit.append(self.waiting.popleft())
             try:
                 self._cancel(cancels)
                 for job in admit:
-                    job.request = self.batcher.add(job.prompt_ids, job.config, stop_ids=job.stop_ids,
-                                                   on_text=lambda s, j=job: j.emit("text", s))
+                    try:
+                        job.request = self.batcher.add(job.prompt_ids, job.config, stop_ids=job.stop_ids,
+                                                       on_text=lambda s, j=job: j.emit("text", s))
+                    except Exception as e:  # noqa: BLE001 - this request's settings: it fails alone
+                        self._release()
+                        job.emit("error", f"could not start decoding: {type(e).__name__}: {e}")
+                        continue
                     self.jobs[job.request.id] = job
                 if self.batcher.active:
                     finished = self.batcher.step()
@@ -128,8 +142,14 @@ class Scheduler:
                         self.metrics.step()
                     for req in finished:
                         self._done(req)
+                    for req, err in self.batcher.take_failures():  # failed alone; the others go on
+                        job = self.jobs.pop(req.id, None)
+                        if job is not None:
+                            self._release()
+                            job.emit("error", f"internal error while decoding this request: {err}")
                 self._gauges()
-            except Exception as e:  # a bug must not take the server down: fail the live requests, start clean
+            except Exception as e:  # a failure of the shared step (not of one request): fail the live requests and
+                # start clean; the server goes on
                 traceback.print_exc()
                 for req in list(self.batcher.active):
                     job = self.jobs.pop(req.id, None)
@@ -151,7 +171,7 @@ class Scheduler:
                 self.batcher.cancel(req)
                 if self.jobs.pop(req.id, None) is not None:
                     self._release()
-                if self.metrics is not None:
+                if self.metrics is not None and job.client_gone:
                     self.metrics.cancelled()
                 job.emit("done", req.result)
 

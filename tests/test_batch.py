@@ -1,6 +1,7 @@
 """Continuous batching: requests that share one cache and one forward pass per step decode exactly as they
 would alone, join and leave between steps, and a cancelled request's slots are freed."""
 
+import pytest
 import torch
 
 from pastalm.engine import Engine, GenerateConfig
@@ -84,3 +85,66 @@ def test_cancel_frees_the_cache_and_the_others_go_on(model, tokenizer):
     same(reqs[0].result, alone[0])
     same(reqs[2].result, alone[2])
     assert not b.active and b.runner.cache.num_slots == 0  # nothing left behind once every request is done
+
+
+def test_a_request_that_fails_on_its_own_leaves_the_others_exact(model, tokenizer, monkeypatch):
+    """A failure that belongs to one request (here its sampling, then its interpreter) ends that request only:
+    it leaves with `error` and its text so far; the others decode exactly as alone (tokens and logits)."""
+    import pastalm.engine.runner as runner_module
+
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    js = jobs(tokenizer)
+    alone = [eng.generate(ids, cfg, force=force) for ids, cfg, force in js[:3]]
+    real = runner_module.sample
+    poisoned = GenerateConfig(max_new_tokens=30, temperature=0.5, seed=11)
+
+    def sample(logits, temperature, top_p, generator):
+        if temperature == 0.5:
+            raise FloatingPointError("boom")
+        return real(logits, temperature, top_p, generator)
+
+    monkeypatch.setattr(runner_module, "sample", sample)
+    b = eng.batcher()
+    reqs = [add(b, tokenizer, j) for j in js[:3]]
+    for _ in range(3):
+        b.step()
+    bad = b.add(chat_prompt(tokenizer, "Fail me."), poisoned)
+    finished = []
+    while b.active:
+        finished += b.step()
+        if b.failures:
+            failed = b.take_failures()
+            assert [r for r, _ in failed] == [bad] and "FloatingPointError: boom" in failed[0][1]
+    assert bad.done and bad.error and bad.result.limits_hit == ["error"] and bad not in finished
+    for r, a in zip(reqs, alone):
+        same(r.result, a)
+    # an interpreter that raises: the same
+    b = eng.batcher()
+    reqs = [add(b, tokenizer, j) for j in js[:3]]
+    b.step()
+    broken = b.add(chat_prompt(tokenizer, "Break me."), GenerateConfig(max_new_tokens=10))
+    broken.interp.schedule = lambda: (_ for _ in ()).throw(KeyError("no such view"))
+    while b.active:
+        b.step()
+    assert broken.error == "KeyError: 'no such view'" and [r for r, _ in b.take_failures()] == [broken]
+    for r, a in zip(reqs, alone):
+        same(r.result, a)
+    # Engine.generate raises what failed
+    monkeypatch.setattr(runner_module, "sample", sample)
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate(chat_prompt(tokenizer, "Fail me."), poisoned)
+
+
+def test_chosen_tokens_never_exceed_max_new_tokens(model, tokenizer):
+    """max_new_tokens bounds the tokens the model chose (tags included; a fork's forced <async> is free), and
+    `Result.chosen` (the server's completion_tokens) is that count, also when a limit ends threads mid-step."""
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    forced_open = len(tokenizer.encode("<async>", add_special_tokens=False))
+    for limit in (5, 17, 30, 41, 1000):
+        for force in (FORCED, FORCED2):
+            res = eng.generate(chat_prompt(tokenizer, "Tips?"), GenerateConfig(max_new_tokens=limit), force=force)
+            assert res.chosen <= limit
+            written = sum(len(t) for t in res.token_ids)
+            assert res.chosen == written - res.threads * forced_open
+            if limit < 41:
+                assert res.chosen == limit and "max_new_tokens" in res.limits_hit

@@ -137,6 +137,7 @@ class Interpreter:
         self.open_ids = list(tokenizer.encode(ASYNC_OPEN, add_special_tokens=False))
         self.close_ids = list(tokenizer.encode(ASYNC_CLOSE, add_special_tokens=False))
         self.linear = policy.linear
+        self.policy = policy
         self.tag_overhead = policy.overhead  # tokens of <async> + </async>
         self.layout = Layout(policy)
         self.sequential = sequential
@@ -213,6 +214,8 @@ class Interpreter:
             t = self._new_thread(tid, "async")
             t.forked_at = len(main.tokens)
             t.budget = min(self.limits.async_cap, int(self.limits.async_factor * promised)) + self.tag_overhead
+            if self.limits.max_positions is not None:  # the block ends at the last position, not past it
+                t.budget = min(t.budget, self.limits.max_positions - self.layout.next_position(tid))
             t.start_clock = self.clock
             t.tokens = list(self.open_ids)
             for i in self.open_ids:
@@ -330,17 +333,30 @@ class Interpreter:
                 return
             ordinal = self.num_promises
             self.num_promises += 1
-            if not self.sequential and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
+            fits = self._fork_fits(ev.tokens)
+            if not self.sequential and fits and self.live_blocks() + len(t.pending_forks) < self.limits.max_threads:
                 t.pending_forks.append((len(t.events) - 1, ev.tokens, ordinal))
             else:
                 if not self.sequential:
-                    self._hit("max_threads")
+                    self._hit("max_threads" if fits else "max_positions")
                     script = self._block_script(ordinal)
                     if script is not None:  # replay: main writes this block's tokens itself
                         t.script[t.num_chosen : t.num_chosen] = script
                 t.inline_pending = True  # decode this block inline, in main
         elif isinstance(ev, Sync):
             t.status = Status.WAITING
+
+    def _fork_fits(self, promised: int) -> bool:
+        """Whether a block forked at this promise fits the model's positions: its forced `<async>` and at least
+        one token of its own, and (reserve layout) main's next token after the reservation. If not, main decodes
+        the block inline: a position limit ends only what it concerns, not the whole answer."""
+        lim = self.limits.max_positions
+        if lim is None:
+            return True
+        main = self.main
+        start = self.layout.next_position(0) + main.pending()  # the block's first position: right after the promise
+        reserved = sum(self.policy.reserve(p) for _, p, _ in main.pending_forks) + self.policy.reserve(promised)
+        return start + len(self.open_ids) < lim and start + reserved < lim
 
     def _runaway(self, ev: Promise) -> bool:
         """The runaway guards (docs/spec.md, "Limits"): a promise past `max_promises`, or one whose topic (without a

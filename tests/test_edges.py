@@ -1,0 +1,64 @@
+"""Engine edge cases at the position limit (issue 15, items 10 and 11): a limit ends only what it concerns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pastalm.engine import Engine, GenerateConfig
+from pastalm.models import chat_prompt
+
+P = '<promise tokens="{}"/>'
+
+
+def tiny_gpt2(positions: int):
+    """Learned absolute positions: a position past the table is an IndexError, not a quiet extrapolation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=384, n_positions=positions, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
+                     eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("layout", ["reserve", "linear"])
+def test_forks_near_the_position_limit_never_pass_it(tokenizer, layout):
+    """Forced answers whose promises land at every distance from the limit: decoding never feeds a position the
+    model does not have; a block that would not fit is decoded inline by main, and no text is lost."""
+    positions = 128
+    model = tiny_gpt2(positions)
+    eng = Engine(model, tokenizer, "gpt2", stop_ids={tokenizer.eos_token_id})
+    seen = []
+    real = model.forward
+
+    def forward(*a, **kw):
+        seen.append(int(kw["position_ids"].max()))
+        return real(*a, **kw)
+
+    model.forward = forward
+    answer = "Go " + P.format(4) + "<async>one two three</async> and " + P.format(6) + "<async>four five</async> end."
+    lengths = set()
+    for pad, extra in [(p, e) for p in range(23, 36) for e in ("", "!", "!!")]:  # prompts of 88 to 126 tokens
+        prompt = chat_prompt(tokenizer, "Hi " + "word " * pad + extra)
+        lengths.add(len(prompt))
+        seen.clear()
+        res = eng.generate(prompt, GenerateConfig(layout=layout, max_new_tokens=200), force=answer)
+        assert seen and max(seen) < positions
+        if "context" not in res.limits_hit:  # main itself fitted: the whole answer is there, blocks or inline
+            assert res.text == "Go one two three and four five end."
+    assert set(range(90, 124)) <= lengths  # every distance of both promises from the limit
+
+
+def test_a_large_reservation_is_decoded_inline_not_the_end_of_the_answer(model, tokenizer):
+    """tokens="200" at scale 10 reserves 2,000+ positions on a 1,024-position model: that block is decoded inline
+    (limits_hit says so); the answer goes on to its end instead of stopping with a stray '<'."""
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    answer = "Start " + P.format(200) + "<async>big block</async> mid " + P.format(3) + "<async>small</async> end."
+    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(reserve_scale=10, max_new_tokens=300),
+                       force=answer)
+    assert res.text == "Start big block mid small end." and "<" not in res.text
+    assert "context" not in res.limits_hit and "max_positions" in res.limits_hit
+    assert res.threads == 1  # the small one still forks
+    huge = "A " + P.format(100000) + "<async>x y</async> b."
+    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=100), force=huge)
+    assert res.text == "A x y b." and res.threads == 0

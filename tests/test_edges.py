@@ -62,3 +62,22 @@ def test_a_large_reservation_is_decoded_inline_not_the_end_of_the_answer(model, 
     huge = "A " + P.format(100000) + "<async>x y</async> b."
     res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=100), force=huge)
     assert res.text == "A x y b." and res.threads == 0
+
+
+def test_a_blocks_budget_is_its_text_and_then_only_its_close_tag(model, tokenizer):
+    """async_cap=1: a block that never closes writes one token of text (not 1 + the `</async>` allowance); a block
+    that closes within its budget keeps its close tag."""
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    open_n = len(tokenizer.encode("<async>", add_special_tokens=False))
+    first = tokenizer.encode("one two three four five", add_special_tokens=False)
+    answer = "Go " + P.format(3) + "<async>one two three four five</async> end."
+    for cap in (1, 2, 3):
+        res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(async_cap=cap, max_new_tokens=100),
+                           force=answer)
+        block = res.token_ids[1]
+        assert block[open_n:] == first[:cap] and res.finish[1] == "budget"
+        assert f"async_budget(thread 1)" in res.limits_hit and res.text.endswith(" end.")
+    short = "Go " + P.format(3) + "<async>ab</async> end."
+    n = len(tokenizer.encode("ab", add_special_tokens=False))
+    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(async_cap=n, max_new_tokens=100), force=short)
+    assert res.finish[1] == "close" and res.raw == short and not any("budget" in x for x in res.limits_hit)

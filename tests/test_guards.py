@@ -11,7 +11,7 @@ from pastalm.lang import ReservePolicy, render
 from test_leaks import drive, thread_texts
 
 RUNAWAY = ('Ways:\n\n1. **Buy**:<promise topic="buy" tokens="5"/><async> in bulk.</async>\n\n'
-           '2. **Plan**:<promise topic="plan" tokens="5"/><async> your meals.</async>\n\n'
+           '2. **Plan**:<promise topic="plan" tokens="6"/><async> your meals.</async>\n\n'
            '3. **Buy**:<promise topic="Buy " tokens="5"/><async> used items.</async>\n\n'
            '4. **Cook**:<promise topic="cook" tokens="5"/><async> at home.</async>')
 

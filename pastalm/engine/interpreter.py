@@ -86,6 +86,7 @@ class Thread:
     events: list = field(default_factory=list)  # parser events, in order
     forks: dict[int, int] = field(default_factory=dict)  # main: event index of a promise -> its thread id
     budget: int = 0  # async: max tokens it may write, its tags included
+    text_budget: int = 0  # async: tokens it may choose besides its </async> (async_factor x promised, capped)
     closed: bool = False  # async: wrote </async>
     finish: str = ""  # why it ended: "eos", "close", "budget", "max_new_tokens", "context", "script"
     start_clock: int = 0  # critical-path clock when it started
@@ -213,7 +214,8 @@ class Interpreter:
             tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
             t.forked_at = len(main.tokens)
-            t.budget = min(self.limits.async_cap, int(self.limits.async_factor * promised)) + self.tag_overhead
+            t.text_budget = min(self.limits.async_cap, int(self.limits.async_factor * promised))
+            t.budget = t.text_budget + self.tag_overhead
             if self.limits.max_positions is not None:  # the block ends at the last position, not past it
                 t.budget = min(t.budget, self.limits.max_positions - self.layout.next_position(tid))
             t.start_clock = self.clock
@@ -301,6 +303,11 @@ class Interpreter:
             t.finish = "script" if token == STOP else "eos"
             self._done(t)
             return
+        if not t.is_main and t.num_chosen >= t.text_budget and not self._continues_close(t, token):
+            t.finish = "budget"  # its text budget is spent and this token does not close it: not written
+            self._hit(f"async_budget(thread {t.id})")
+            self._done(t)
+            return
         t.tokens.append(token)
         t.num_chosen += 1
         if t.is_main:
@@ -309,7 +316,7 @@ class Interpreter:
             self._on_event(t, ev)
         if t.inline_pending and t.status == Status.RUNNING:  # after every event of this token: text that came
             self._open_inline(t)  # with the promise's end precedes the block
-        if not t.is_main and t.status == Status.RUNNING and t.num_generated >= t.budget:
+        if not t.is_main and t.status == Status.RUNNING and self._over_budget(t):
             t.status, t.finish = Status.FINISHING, "budget"
             self._hit(f"async_budget(thread {t.id})")
         if self.num_chosen() >= self.limits.max_new_tokens:
@@ -345,6 +352,17 @@ class Interpreter:
                 t.inline_pending = True  # decode this block inline, in main
         elif isinstance(ev, Sync):
             t.status = Status.WAITING
+
+    def _over_budget(self, t: Thread) -> bool:
+        """`budget` (tags included, clamped at the model's last position) is a block's hard end; past its
+        `text_budget` a block may only write its `</async>` (`write`), so the close tag's allowance is never
+        spent as text."""
+        return t.num_generated >= t.budget or t.num_chosen >= t.text_budget + len(self.close_ids)
+
+    def _continues_close(self, t: Thread, token: int) -> bool:
+        """Whether `token` begins or continues the block's `</async>` (after what the parser holds back)."""
+        piece = t.parser.held + self.tokenizer.decode([token])
+        return ASYNC_CLOSE.startswith(piece) or piece.startswith(ASYNC_CLOSE)
 
     def _fork_fits(self, promised: int) -> bool:
         """Whether a block forked at this promise fits the model's positions: its forced `<async>` and at least

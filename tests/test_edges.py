@@ -81,3 +81,22 @@ def test_a_blocks_budget_is_its_text_and_then_only_its_close_tag(model, tokenize
     n = len(tokenizer.encode("ab", add_special_tokens=False))
     res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(async_cap=n, max_new_tokens=100), force=short)
     assert res.finish[1] == "close" and res.raw == short and not any("budget" in x for x in res.limits_hit)
+
+
+def test_force_keeps_each_block_with_its_own_promise(model, tokenizer):
+    """A forced answer whose first promise has no block: every later block still replays under its own promise
+    (one script per promise), and nothing is lost or moved."""
+    from pastalm.engine.engine import thread_segments
+
+    answer = "A " + P.format(3) + " then B " + P.format(4) + "<async>second</async> and C " + P.format(4) \
+        + "<async>third</async> end."
+    scripts = thread_segments(answer)
+    assert ["".join(s.text for s in t) for t in scripts[1:]] == ["", "second</async>", "third</async>"]
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=200), force=answer)
+    pieces = [(p["thread"], p["text"]) for p in res.pieces if p["text"]]
+    assert (2, "second") in pieces and (3, "third") in pieces
+    assert res.text == "A  then B second and C third end."
+    # a block with no promise before it is main's text (a stray), as in free decoding
+    stray = "X <async>loose</async> Y " + P.format(3) + "<async>kept</async> Z"
+    assert ["".join(s.text for s in t) for t in thread_segments(stray)[1:]] == ["kept</async>"]

@@ -12,17 +12,34 @@ __all__ = ["Engine", "GenerateConfig", "Result", "scripts_for", "thread_segments
 
 def thread_segments(annotated: str, sequential: bool = False) -> list[list[Segment]]:
     """The segments each thread writes when it replays an annotated answer, main first: main's text and tags,
-    block j's chunk and `</async>`. `<async>` is never written: the interpreter forces it. Sequentially, main
-    writes the blocks inline."""
+    then one script per promise, in order: its block's chunk and `</async>` (empty for a promise without a block,
+    so that every later block stays with its own promise). `<async>` is never written: the interpreter forces it.
+    A block without a promise before it is a stray that main writes as text, as it would when decoding freely.
+    Sequentially, main writes the blocks inline."""
     threads: list[list[Segment]] = [[]]
+    awaiting = None  # the script of the last promise, while its block has not opened
+    current = 0  # where chunk and close segments go: an open block's script, or main
     for seg in segments(annotated):
-        if seg.kind == OPEN:
-            if not sequential:
-                threads.append([])
-        elif seg.kind in (CHUNK, CLOSE) and not sequential:
-            threads[-1].append(seg)
-        elif seg.kind in (TEXT, PROMISE, SYNC_KIND, CHUNK, CLOSE):
+        if sequential:
+            if seg.kind in (TEXT, PROMISE, SYNC_KIND, CHUNK, CLOSE):
+                threads[0].append(seg)
+            continue
+        if seg.kind == PROMISE:
             threads[0].append(seg)
+            threads.append([])
+            awaiting, current = len(threads) - 1, 0
+        elif seg.kind == OPEN:
+            if awaiting is None:  # a stray: main writes it
+                threads[0].append(seg)
+            current, awaiting = (awaiting if awaiting is not None else 0), None
+        elif seg.kind in (CHUNK, CLOSE):
+            threads[current].append(seg)
+            if seg.kind == CLOSE:
+                current = 0
+        elif seg.kind in (TEXT, SYNC_KIND):
+            threads[0].append(seg)
+            if seg.kind == SYNC_KIND or seg.text.strip():
+                awaiting = None
     return threads
 
 

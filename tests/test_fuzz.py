@@ -1,0 +1,118 @@
+"""Interpreter fuzzing (issue 15): a scripted "model" writes random streams of tag pieces and text under random
+limits and layouts. Whatever it writes, the interpreter never raises, never feeds a position or a cache slot past
+its limit, never lets the model choose more than max_new_tokens, never loses a character any thread wrote (the raw
+form keeps it), and never shows a tag in the rendered answer, streamed or final.
+
+A few hundred cases run by default; `PASTA_FUZZ_EXAMPLES=10000 pytest -m long tests/test_fuzz.py` is the long run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pastalm.engine.interpreter import Interpreter, Limits
+from pastalm.lang import ReservePolicy
+from pastalm.lang.tags import TAG_HEAD_RE
+
+PIECES = ['<promise tokens="3"/>', '<promise topic="a" tokens="5"/>', '<promise topic="b" tokens="1"/>',
+          "<promise", ' tokens="', '9"', "/>", "<async>", "</async>", "<sync/>", "<sync", "<", ">", "/", '"',
+          "</", "<as", "ync>", "</asy", "nc>", "<pro", "mise", " word", "Text", "\n\n", "1. ", "**B**:", " a", ".",
+          "é", "x" * 7]
+WHOLE_TAGS = ['<promise tokens="3"/>', '<promise topic="a" tokens="5"/>', '<promise tokens="8"/>', "<sync/>",
+              "</async>", " text"]  # weighted up, so that most cases fork
+
+streams = st.lists(st.lists(st.one_of(st.sampled_from(PIECES), st.sampled_from(WHOLE_TAGS)), max_size=25),
+                   min_size=1, max_size=4)
+limits = st.fixed_dictionaries({
+    "max_new_tokens": st.integers(1, 200), "async_factor": st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+    "async_cap": st.integers(1, 40), "max_threads": st.integers(0, 6),
+    "max_promises": st.one_of(st.none(), st.integers(1, 4)), "repeat_guard": st.booleans(),
+    "block_guard": st.booleans(), "extra_positions": st.one_of(st.none(), st.integers(1, 120)),
+    "extra_context": st.one_of(st.none(), st.integers(1, 200)),
+})
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from pastalm.models import ModelError, load_tokenizer
+
+    try:
+        return load_tokenizer()
+    except ModelError as e:  # the bundled model is installed by scripts/setup.sh
+        pytest.skip(str(e))
+
+
+def check_one(tok, texts: list[list[str]], lim: dict, layout: str, scale: float, sequential: bool) -> None:
+    prompt = tok.encode("Give tips.", add_special_tokens=False)
+    n = len(prompt)
+    extra_p, extra_c = lim.pop("extra_positions"), lim.pop("extra_context")
+    limits = Limits(**lim, max_positions=None if extra_p is None else n + extra_p,
+                    max_context=None if extra_c is None else n + extra_c)
+    policy = ReservePolicy.for_tokenizer(tok, 0.0 if layout == "linear" else scale, layout)
+    interp = Interpreter(tok, prompt, {tok.eos_token_id}, policy, limits, sequential)
+    # the "model": thread t writes stream t mod k, one token per step, then EOS
+    streams = [tok.encode("".join(pieces), add_special_tokens=False) for pieces in texts]
+    written: dict[int, int] = {}
+    shown = ""
+    for _ in range(10_000):
+        if interp.finished:
+            break
+        feeds = interp.schedule()
+        if not feeds:
+            interp.stop("stalled")
+            break
+        for f in feeds:
+            if limits.max_positions is not None:
+                assert max(f.span.positions) < limits.max_positions, (f, limits)
+        if limits.max_context is not None:
+            assert interp.num_slots <= limits.max_context
+        for tid in interp.fed(feeds):
+            s = streams[tid % len(streams)]
+            k = written.get(tid, 0)
+            written[tid] = k + 1
+            interp.write(tid, s[k] if k < len(s) else tok.eos_token_id)
+        assert interp.num_chosen() <= limits.max_new_tokens
+        now = interp.rendered()
+        assert now.startswith(shown), "the stream never takes back what it showed"
+        shown = now
+        assert not TAG_HEAD_RE.search(now), now
+    assert interp.finished
+    final = interp.rendered(complete=True)
+    assert final.startswith(shown) and not TAG_HEAD_RE.search(final), final
+    assert interp.num_chosen() <= limits.max_new_tokens
+    for t in interp.threads:  # the raw form keeps every character each thread wrote
+        text = tok.decode(t.tokens[t.num_prompt:])
+        kept = "".join(e.raw for e in t.events)
+        if not t.is_main:
+            text = text[len("<async>"):]  # the forced open tag is not parsed
+        assert text.startswith(kept) and len(text) - len(kept) <= 4, (text, kept)
+    raw = interp.raw()
+    for e in interp.main.events:
+        assert e.raw in raw
+
+
+def _fuzz(smol, texts, lim, layout, scale, sequential):
+    check_one(smol, texts, dict(lim), layout, scale, sequential)
+
+
+CASES = dict(texts=streams, lim=limits, layout=st.sampled_from(["reserve", "linear"]),
+             scale=st.sampled_from([0.0, 0.5, 1.0, 3.0]), sequential=st.sampled_from([False, False, False, True]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(**CASES)
+def test_interpreter_fuzz(smol, texts, lim, layout, scale, sequential):
+    _fuzz(smol, texts, lim, layout, scale, sequential)
+
+
+@pytest.mark.long
+@settings(max_examples=int(os.environ.get("PASTA_FUZZ_EXAMPLES", "10000")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(**CASES)
+def test_interpreter_fuzz_long(smol, texts, lim, layout, scale, sequential):
+    _fuzz(smol, texts, lim, layout, scale, sequential)

@@ -466,8 +466,9 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         c.text += out
         return out
 
-    async def _collect(choices: list[_Choice], request: Request) -> None:
-        """Wait for every choice of a non-streamed request; a client that disconnects meanwhile cancels them."""
+    async def _collect(choices: list[_Choice], request: Request) -> bool:
+        """Wait for every choice of a non-streamed request; a client that disconnects meanwhile cancels them (and
+        False is returned)."""
         queue = choices[0].job.queue
         open_ = {c.job.index for c in choices}
         try:
@@ -476,7 +477,10 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                     index, kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                        for c in choices:
+                            if c.result is None:
+                                scheduler.cancel(c.job)
+                        return False
                     continue
                 c = choices[index]
                 _on_event(c, kind, payload)
@@ -490,6 +494,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         failed = [c.error for c in choices if c.error is not None]
         if failed:
             raise APIError(500, failed[0], "server_error")
+        return True
 
     def _stream(choices: list[_Choice], chunk, final, endpoint: str):
         queue = choices[0].job.queue
@@ -557,7 +562,9 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 return out
 
             return _stream(choices, chunk, final, endpoint)
-        await _collect(choices, request)
+        if not await _collect(choices, request):  # nobody to answer: 499, as nginx logs a client that left
+            metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         metrics.requests.labels(endpoint, "200").inc()
         parts = []
         for c in choices:

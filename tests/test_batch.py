@@ -123,7 +123,7 @@ def test_a_request_that_fails_on_its_own_leaves_the_others_exact(model, tokenize
     reqs = [add(b, tokenizer, j) for j in js[:3]]
     b.step()
     broken = b.add(chat_prompt(tokenizer, "Break me."), GenerateConfig(max_new_tokens=10))
-    broken.interp.schedule = lambda: (_ for _ in ()).throw(KeyError("no such view"))
+    broken.interp.schedule = lambda *a: (_ for _ in ()).throw(KeyError("no such view"))
     while b.active:
         b.step()
     assert broken.error == "KeyError: 'no such view'" and [r for r, _ in b.take_failures()] == [broken]
@@ -172,3 +172,47 @@ def test_bf16_is_reproducible_alone_and_close_in_a_batch(model, tokenizer):
         for k in a.logits:
             scale = a.logits[k].abs().max().item()
             assert (r.result.logits[k] - a.logits[k]).abs().max().item() <= 0.05 * scale + 0.05
+
+
+def test_chunked_prefill_is_exact_and_keeps_others_decoding(model, tokenizer, monkeypatch):
+    """A long prompt goes in pieces of at most the runner's step budget: the answer equals the one-piece prefill
+    (tokens, logits), and a short request decoding beside it gets a token every step meanwhile."""
+    from pastalm.engine.runner import HFRunner
+
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    long_ids = chat_prompt(tokenizer, "Tell me everything about " + "rivers and lakes " * 60)
+    assert len(long_ids) > 600
+    cfg = GenerateConfig(max_new_tokens=12, record_logits=True)
+    monkeypatch.setattr(HFRunner, "step_tokens", None)
+    whole = eng.generate(long_ids, cfg)
+    short_alone = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=40, record_logits=True))
+    monkeypatch.setattr(HFRunner, "step_tokens", 64)
+    b = eng.batcher()
+    short = b.add(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=40, record_logits=True))
+    b.step()
+    b.step()
+    big = b.add(long_ids, cfg)
+    widths = []
+    real = b.runner.cache.forward
+
+    def forward(feeds):
+        widths.append(sum(len(f.ids) for _, f in feeds))
+        return real(feeds)
+
+    b.runner.cache.forward = forward
+    before = len(short.interp.threads[0].tokens)
+    steps = 0
+    while not big.interp.threads[0].num_fed >= len(long_ids):
+        b.step()
+        steps += 1
+    assert steps >= len(long_ids) // 64  # in pieces ...
+    assert max(widths) <= 64 + 1  # ... of at most the budget (plus the short request's one token)
+    assert len(short.interp.threads[0].tokens) - before == min(steps, 40 - 2) or short.done
+    while b.active:
+        b.step()
+    assert big.result.token_ids == whole.token_ids and short.result.token_ids == short_alone.token_ids
+    for k in whole.logits:
+        if k in big.result.logits:
+            torch.testing.assert_close(big.result.logits[k], whole.logits[k], atol=2e-4, rtol=1e-4)
+    last = (0, len(long_ids) - 1)
+    torch.testing.assert_close(big.result.logits[last], whole.logits[last], atol=2e-4, rtol=1e-4)

@@ -16,6 +16,9 @@ from .interpreter import STOP, Interpreter, Status
 from .types import Request, Result, Runner
 
 
+MIN_CHUNK = 16  # a prefill piece is never smaller, so a prompt always advances
+
+
 class Batcher:
     """Requests in flight on one engine; `step()` advances all of them by one runner step."""
 
@@ -67,13 +70,18 @@ class Batcher:
         the shared runner step itself propagates."""
         finished: list[Request] = []
         work = []
+        # chunked prefill: a runner with a per-step token budget (the transformers one) gets long prompts in pieces,
+        # so a long prompt delays the other requests' next tokens by one piece per step, not by its whole prefill
+        budget = getattr(self.runner, "step_tokens", None)
         for req in list(self.active):
             interp = req.interp
             try:
                 if interp.finished:
                     finished.append(self._finish(req))
                     continue
-                fs = interp.schedule()
+                fs = interp.schedule(None if budget is None else max(MIN_CHUNK, budget))
+                if budget is not None:
+                    budget -= sum(len(f.ids) for f in fs)
                 if not fs and not req.waiting:
                     interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
                     finished.append(self._finish(req))

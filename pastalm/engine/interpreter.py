@@ -175,8 +175,10 @@ class Interpreter:
     def live_blocks(self) -> int:
         return sum(1 for t in self.threads[1:] if t.status < Status.DONE)
 
-    def schedule(self) -> list[Feed]:
-        """The spans to feed in the next forward pass (empty when the request is finished)."""
+    def schedule(self, chunk: int | None = None) -> list[Feed]:
+        """The spans to feed in the next forward pass (empty when the request is finished). `chunk` caps how many
+        of main's pending tokens (a prompt, above all) go in at once: the rest follow in the next steps (chunked
+        prefill), and main asks for a token only once all are in."""
         feeds: list[Feed] = []
         blocks = [t for t in self.threads[1:] if t.status < Status.DONE and t.pending()]
         main = self.main
@@ -209,7 +211,7 @@ class Interpreter:
                 self.layout.after_join(joined)
             main.status = Status.RUNNING
         elif main.status == Status.RUNNING and main.pending():
-            feeds.append(self._feed(main))
+            feeds.append(self._feed(main, chunk))
         for event_index, promised, ordinal in main.pending_forks:
             tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
@@ -256,12 +258,15 @@ class Interpreter:
             tail += main.tokens[b.forked_at:end]
         return tail
 
-    def _feed(self, t: Thread) -> Feed:
-        ids = t.relay + t.tokens[t.num_fed :]
+    def _feed(self, t: Thread, chunk: int | None = None) -> Feed:
+        own = t.tokens[t.num_fed :]
+        if chunk is not None and not t.relay:
+            own = own[: max(1, chunk)]
+        ids = t.relay + own
         t.relay = []
         span = self.layout.append(t.id, len(ids))
         self.num_slots += len(ids)
-        return Feed(t.id, ids, span, len(t.tokens) - 1)
+        return Feed(t.id, ids, span, t.num_fed + len(own) - 1)
 
     def _block_script(self, ordinal: int) -> list[int] | None:
         """Forced replay: the script of the block that keeps promise number `ordinal` (0-based)."""

@@ -103,6 +103,8 @@ class HFRunner:
     """The `Runner` of the transformers backend: every request's feeds in one forward over the shared cache, then
     each wanting thread's token from its logits (greedy, or sampled with the thread's seeded generator)."""
 
+    step_tokens = 512  # tokens one step feeds at most, when prompts wait (chunked prefill); decoding is never held
+
     def __init__(self, model):
         self.model = model
         self.cache = SharedCache(model)

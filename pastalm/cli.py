@@ -355,7 +355,7 @@ def generate(args) -> int:
     cfg = _decoding_config(args, args.sequential)
     settings = _model_settings(args)
     settings.check_layout(cfg.layout)
-    engine = settings.engine()
+    engine = settings.engine(layout=cfg.layout)
     cfg = engine.check(cfg)
     first: list[float] = []
     for prompt in prompts:
@@ -457,7 +457,7 @@ def _adapter_options(text: str) -> dict[str, tuple[str, dict]]:
 def evaluate(args) -> int:
     from .eval.harness import EvalConfig, run_eval
     from .eval.speed import stratified
-    from .models import resolve_adapter
+    from .models import auto_adapter, resolve_adapter
     from .train.prompts import load_prompts
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -490,6 +490,8 @@ def evaluate(args) -> int:
         if mode not in wanted:
             raise ValueError(f"--modes: {mode} names no adapter; pass --adapter LABEL=ADAPTER,... for pasta:LABEL")
         adapter = wanted[mode]
+        if adapter == "auto" and args.model is None:  # the shipped adapter of the layout this mode decodes
+            adapter = auto_adapter(options.get(mode, {}).get("layout", cfg.generate.layout), settings.backend)
         key = resolve_adapter(adapter, args.model)
         if key not in cache:  # the same weights twice are loaded once
             cache[key] = settings.engine(adapter)
@@ -519,7 +521,7 @@ def serve(args) -> int:
     defaults = _decoding_config(args)
     settings = _model_settings(args)
     settings.check_layout(defaults.layout)
-    engine = settings.engine()
+    engine = settings.engine(layout=defaults.layout)
     cfg = ServeConfig(model_id=args.served_name or engine.name, defaults=defaults, system=args.system,
                       max_running=args.max_running, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                       max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key)

@@ -17,7 +17,8 @@ ADAPTERS = Path(__file__).resolve().parent / "adapters"
 # "pasta-v2" the annotation-v2 SFT adapter that was the default before it, "pasta-v1" the stage-2 v1 adapter
 # (BoNBoN at lambda = inf) before that, "pasta-stage1" the v1 SFT adapter all of them started from, "baseline" the
 # same answers without tags (the sequential reference). docs/results.md compares them.
-BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-v2": ADAPTERS / "smollm2-135m-pasta-v2",
+BUNDLED_ADAPTERS = {"pasta": ADAPTERS / "smollm2-135m-pasta", "pasta-linear": ADAPTERS / "smollm2-135m-pasta-linear",
+                    "pasta-v2": ADAPTERS / "smollm2-135m-pasta-v2",
                     "pasta-v1": ADAPTERS / "smollm2-135m-pasta-v1",
                     "pasta-stage1": ADAPTERS / "smollm2-135m-pasta-stage1",
                     "baseline": ADAPTERS / "smollm2-135m-baseline"}
@@ -36,14 +37,22 @@ class Loaded:
     adapter: str | None = None
 
 
-def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
-    """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter for the bundled model and
-    nothing for any other model; 'none' is the base model; 'pasta', 'pasta-v2', 'pasta-v1', 'pasta-stage1' and
-    'baseline' are the shipped ones."""
+def auto_adapter(layout: str | None, backend: str = "hf") -> str:
+    """The shipped adapter 'auto' means for a layout: 'pasta-linear' (trained in the linear layout) where the
+    linear layout is decoded (asked for, or the vLLM backend's own), 'pasta' (the reserve layout's) elsewhere."""
+    linear = layout == "linear" or (layout is None and backend == "vllm")
+    return "pasta-linear" if linear and (BUNDLED_ADAPTERS["pasta-linear"] / "adapter_config.json").is_file() else "pasta"
+
+
+def resolve_adapter(adapter: str | None, model: str | None, layout: str | None = None,
+                    backend: str = "hf") -> Path | None:
+    """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter of the layout decoded
+    (`auto_adapter`) for the bundled model and nothing for any other model; 'none' is the base model; 'pasta',
+    'pasta-linear', 'pasta-v2', 'pasta-v1', 'pasta-stage1' and 'baseline' are the shipped ones."""
     if adapter is None or adapter == "auto":
         if model is not None or not (BUNDLED_ADAPTERS["pasta"] / "adapter_config.json").is_file():
             return None
-        adapter = "pasta"
+        adapter = auto_adapter(layout, backend)
     if adapter == "none":
         return None
     if adapter in BUNDLED_ADAPTERS:
@@ -55,7 +64,7 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"--adapter: '{adapter}' is not a PEFT adapter folder (no adapter_config.json); give the "
-                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-v2', 'pasta-v1', 'pasta-stage1', "
+                         "output folder of `pasta train sft` or `pasta train prefer`, 'pasta', 'pasta-linear', 'pasta-v2', 'pasta-v1', 'pasta-stage1', "
                          "'baseline' or 'none'")
     return path
 

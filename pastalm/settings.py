@@ -115,9 +115,10 @@ def from_args(cls, args, **overrides):
 # -- the model a command runs -------------------------------------------------------------------------------------
 
 BACKENDS = ("hf", "vllm")
-ADAPTER_HELP = ("LoRA adapter: 'auto' (the shipped PASTA adapter on the bundled model, none on others), 'pasta' "
-                "(annotation v3), 'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', or a "
-                "folder from `pasta train sft` or `pasta train prefer`")
+ADAPTER_HELP = ("LoRA adapter: 'auto' (the shipped PASTA adapter of the layout decoded on the bundled model, none on "
+                "others), 'pasta' (annotation v3, reserve layout), 'pasta-linear' (v3 trained in the linear layout), "
+                "'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', or a folder from "
+                "`pasta train sft` or `pasta train prefer`")
 
 
 @dataclass
@@ -150,9 +151,14 @@ class ModelSettings:
             from .engine import Engine as cls
         cls.check_layout(layout)
 
-    def engine(self, adapter: str | None = None):
-        """Load the model (with `adapter` instead of the settings' one, if given) on the chosen backend."""
+    def engine(self, adapter: str | None = None, layout: str | None = None):
+        """Load the model (with `adapter` instead of the settings' one, if given) on the chosen backend; 'auto'
+        takes the shipped adapter trained for `layout` (None: the backend's own), `models.auto_adapter`."""
+        from .models import auto_adapter
+
         adapter = self.adapter if adapter is None else adapter
+        if adapter == "auto" and self.model is None:
+            adapter = auto_adapter(layout, self.backend)
         if self.backend == "vllm":
             from .engine.vllm import load_vllm
 

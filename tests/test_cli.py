@@ -160,7 +160,8 @@ def test_every_flag_is_declared_once_and_shared_flags_agree():
 
     declared = re.findall(r'add_argument\(\s*"(--[\w-]+)"', inspect.getsource(cli))
     assert len(declared) == len(set(declared)), sorted({d for d in declared if declared.count(d) > 1})
-    own_defaults = {("answers", "max_new_tokens"), ("train sft", "layout"), ("train prefer", "max_new_tokens"), ("train prefer", "temperature"),
+    own_defaults = {("answers", "max_new_tokens"), ("train sft", "layout"), ("train prefer", "layout"),
+                    ("train prefer", "max_new_tokens"), ("train prefer", "temperature"),
                     ("train prefer", "top_p"), ("answers", "adapter"), ("train sft", "reserve_scale"),
                     ("answers", "prompts"), ("eval", "prompts"), ("train prefer", "prompts")}
     seen: dict[str, tuple] = {}

@@ -43,6 +43,26 @@ def test_default_pasta_adapter_is_the_v3_stage2_adapter():
     assert v1["round"]["lambda"] == "inf" and v1["shipped"]["sha256"] == adapter_digest(BUNDLED_ADAPTERS["pasta-v1"])
 
 
+def test_the_linear_layout_gets_the_adapter_trained_in_it():
+    """'pasta-linear' was trained in the linear layout (SFT and stage 2); 'auto' means it wherever the linear
+    layout is decoded (asked for, or the vLLM backend's default), and 'pasta' elsewhere."""
+    from pastalm.models import auto_adapter
+    from pastalm.settings import ModelSettings
+
+    folder = BUNDLED_ADAPTERS["pasta-linear"]
+    rec = json.loads((folder / "pasta_prefer.json").read_text())
+    assert rec["config"]["layout"] == "linear" and rec["round"]["lambda"] == "inf"
+    assert rec["shipped"]["sha256"] == adapter_digest(folder)
+    sft = json.loads((BUNDLED_ADAPTERS["pasta-linear"] / "pasta_prefer.json").read_text())["config"]["from_adapter"]
+    assert sft.endswith("v4-sft")
+    assert auto_adapter("linear") == auto_adapter(None, "vllm") == auto_adapter("linear", "vllm") == "pasta-linear"
+    assert auto_adapter(None) == auto_adapter("reserve") == "pasta"
+    assert resolve_adapter("auto", None, "linear") == folder
+    assert resolve_adapter("auto", None) == BUNDLED_ADAPTERS["pasta"]
+    assert resolve_adapter("auto", "some/other-model", "linear") is None
+    assert ModelSettings().adapter == "auto"
+
+
 def test_unknown_adapter_name_says_what_to_give(tmp_path):
     with pytest.raises(ModelError, match="pasta-stage1"):
         resolve_adapter(str(tmp_path / "nope"), None)

@@ -69,7 +69,7 @@ def shipped():
     return load(None, "fp32", "pasta")
 
 
-@pytest.fixture(scope="module", params=["pasta", "pasta-v2", "pasta-v1", "pasta-stage1"])
+@pytest.fixture(scope="module", params=["pasta", "pasta-linear", "pasta-v2", "pasta-v1", "pasta-stage1"])
 def any_shipped(request):
     """Each shipped PASTA adapter: the default (v2), the v1 stage-2 one and the stage-1 one both came from."""
     return request.param, load(None, "fp32", request.param)
@@ -112,10 +112,11 @@ def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, pa
     from pastalm.lang.render import render, validate
 
     name, shipped = any_shipped
-    guards = name in ("pasta", "pasta-v2")
+    guards = name in ("pasta", "pasta-linear", "pasta-v2")
     eng = Engine(shipped.model, shipped.tokenizer, "pasta")
+    layout = "linear" if name == "pasta-linear" else None  # each in the layout it was trained in
     res = eng.generate(chat_prompt(shipped.tokenizer, prompt),
-                       GenerateConfig(max_new_tokens=400, repeat_guard=guards, block_guard=guards))
+                       GenerateConfig(max_new_tokens=400, repeat_guard=guards, block_guard=guards, layout=layout))
     rep = validate(res.raw)
     if any(h in ("repeated_topic", "max_promises") for h in res.limits_hit):
         assert render(res.raw).startswith(res.text)  # the lead of the refused item is not rendered

@@ -140,9 +140,9 @@ def test_shipped_adapter_greedy_matches_the_hf_backend():
     breaks any other engine still in use in the process (the module's)."""
     from pastalm.engine.vllm import load_vllm
 
-    m = load(None, "fp32", "pasta")
+    m = load(None, "fp32", "pasta-linear")  # what `--backend vllm` decodes with by default
     hf = Engine(m.model, m.tokenizer, m.name)
-    vl = load_vllm(None, "fp32", "pasta")
+    vl = load_vllm(None, "fp32", "auto")
     for prompt in ("Give three tips to sleep better.", "Name four planets and one fact about each."):
         ids = chat_prompt(m.tokenizer, prompt)
         cfg = GenerateConfig(layout="linear", max_new_tokens=200)

@@ -222,6 +222,10 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
               seed: int = 0, extra: dict | None = None) -> VllmEngine:
     """A `VllmEngine` on the model folder `models.prepare` makes (the GGUF converted and the adapter merged once,
     cached): vLLM loads plain HF folders, so no LoRA support is needed. vLLM's own parallelism passes through."""
+    if adapter in (None, "auto") and model is None:  # the shipped adapter of the layout vLLM runs
+        from ..models import auto_adapter
+
+        adapter = auto_adapter(None, "vllm")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: lower latency
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up chatter is not for pastalm's users
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")

@@ -326,6 +326,21 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 if reply is not None:
                     await reply(scope, receive, send)
                     return
+                # a body without Content-Length (chunked) is counted while it is read: past the limit, a 413 (an
+                # HTTPException, which FastAPI passes on to the handler below) before the rest is read
+                seen = 0
+
+                async def limited():
+                    nonlocal seen
+                    message = await receive()
+                    if message["type"] == "http.request":
+                        seen += len(message.get("body", b""))
+                        if seen > cfg.max_body_bytes:
+                            raise StarletteHTTPException(413, "request body too large")
+                    return message
+
+                await self.inner(scope, limited, send)
+                return
             await self.inner(scope, receive, send)
 
     app.add_middleware(Guard)
@@ -574,10 +589,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
                         body.n)
 
-    # max_body_size: FastAPI counts the bytes while it reads the body, so a chunked body (no Content-Length) is
-    # refused with 413 as soon as it passes the limit, not read whole first; an announced size over the limit is
-    # refused by `guard` before the body is read at all
-    @app.post("/v1/chat/completions", max_body_size=cfg.max_body_bytes)
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         from ..models import chat_messages
 
@@ -590,7 +602,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         _check_prompt(ids)
         return await _respond(request, body, [ids], config, chat=True)
 
-    @app.post("/v1/completions", max_body_size=cfg.max_body_bytes)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         config = _config(body, body.max_tokens)
         prompts = await run_in_threadpool(lambda: [list(engine.tokenizer.encode(p)) for p in body.prompt])

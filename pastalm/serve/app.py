@@ -486,21 +486,26 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         False is returned)."""
         queue = choices[0].job.queue
         open_ = {c.job.index for c in choices}
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while open_:
                 try:
-                    index, kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    index, kind, payload = await asyncio.wait_for(queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    pass
+                else:
+                    _on_event(choices[index], kind, payload)
+                    if kind != "text":
+                        open_.discard(index)
+                # text events keep coming while it decodes: look at the connection every 0.25 s regardless
+                if open_ and loop.time() - checked >= 0.25:
+                    checked = loop.time()
                     if await request.is_disconnected():
                         for c in choices:
                             if c.result is None:
                                 scheduler.cancel(c.job)
                         return False
-                    continue
-                c = choices[index]
-                _on_event(c, kind, payload)
-                if kind != "text":
-                    open_.discard(index)
         except asyncio.CancelledError:
             for c in choices:
                 if c.result is None:

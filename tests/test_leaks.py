@@ -22,16 +22,6 @@ from pastalm.lang.tags import TAG_HEAD_RE
 from pastalm.testing import replay_scripts
 
 
-@pytest.fixture(scope="module")
-def smol():
-    from pastalm.models import ModelError, load_tokenizer
-
-    try:
-        return load_tokenizer()
-    except ModelError as e:  # the bundled model is installed by scripts/setup.sh
-        pytest.skip(str(e))
-
-
 def thread_texts(annotated: str, sequential: bool) -> list[str]:
     """What each thread writes for an annotated answer (`thread_segments`), as one string per thread."""
     return ["".join(seg.text for seg in segs) for segs in thread_segments(annotated, sequential)]

@@ -100,3 +100,36 @@ def test_force_keeps_each_block_with_its_own_promise(model, tokenizer):
     # a block with no promise before it is main's text (a stray), as in free decoding
     stray = "X <async>loose</async> Y " + P.format(3) + "<async>kept</async> Z"
     assert ["".join(s.text for s in t) for t in thread_segments(stray)[1:]] == ["kept</async>"]
+
+
+@pytest.mark.parametrize("layout", ["reserve", "linear"])
+def test_one_token_that_completes_a_promise_and_a_sync_joins_its_block(layout):
+    """Item 12: an added token `<promise tokens="4"/><sync/>` forks the block and then waits for it: main's next
+    token is decided with the block in view (its logits depend on what the block wrote), and the answer reads in
+    order."""
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    both = '<promise tokens="4"/><sync/>'
+    tok.add_tokens([both])
+    t = tok.convert_tokens_to_ids(both)
+    model = tiny_model("llama", vocab_size=len(tok) + 8)
+    eng = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id})
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    main = enc("Sleep well:") + [t] + enc(" done.")
+    assert main.count(t) == 1
+    prompt = chat_prompt(tok, "Hi")
+    cfg = GenerateConfig(layout=layout, max_new_tokens=60, record_logits=True)
+    runs = {b: eng.generate(prompt, cfg, scripts=[main, enc(b + "</async>")]) for b in ("one two", "moon song")}
+    for b, res in runs.items():
+        assert res.threads == 1 and res.text == f"Sleep well:{b} done."
+        assert res.raw == f'Sleep well:<promise tokens="4"/><async>{b}</async><sync/> done.'
+    # the token fed after <promise ...><sync/> (main's next) sees the block: its logits differ with the block's text;
+    # the token before it was fed before the fork and does not
+    a, b = (r.logits for r in runs.values())
+    key = sorted(k for k in a if k[0] == 0)
+    i = len(prompt) + len(enc("Sleep well:"))  # T, in main's tokens
+    before = [k for k in key if k[1] == i - 1]
+    assert before and torch.equal(torch.as_tensor(a[before[0]]), torch.as_tensor(b[before[0]]))
+    after = [k for k in key if k[1] >= i]
+    assert after and not torch.allclose(torch.as_tensor(a[after[0]]), torch.as_tensor(b[after[0]]))

@@ -112,6 +112,9 @@ def test_one_tiny_round_trains_and_resumes(tiny_setup, tmp_path, monkeypatch, la
     out = tmp_path / "out"
     samples = [json.loads(line) for line in (out / "round-1-samples.jsonl").read_text().splitlines()]
     assert len(samples) == 9 and {x["sample"] for x in samples} == {0, 1, 2}
+    pairs = [json.loads(line) for line in (out / "lambda-1" / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    by_sample = {(x["id"], x["sample"]): x for x in samples}  # each side is trained on its own decode's trace
+    assert pairs and all(p["winner_trace"] == by_sample[(p["id"], p["winner_sample"])]["trace"] for p in pairs)
     assert len({x["raw"] for x in samples if x["id"] == "p0"}) > 1  # different seeds, different answers
     before = load_file(str(stage1 / "adapter_model.safetensors"))
     after = load_file(str(out / "lambda-1" / "round-1" / "adapter" / "adapter_model.safetensors"))
@@ -209,3 +212,73 @@ def test_an_answers_log_probability_sums_its_rows(model, tokenizer):
             assert mean[a].item() == pytest.approx(total / n, abs=1e-5)
     with pytest.raises(ValueError, match="layout"):
         PreferConfig(output="x", from_adapter="pasta", layout="diagonal")
+
+
+def _slot_logits(monkeypatch):
+    """Record the logits the transformers runner computed at every feed's last token, keyed by its layout slot
+    (column, index in column): the key `Trace` uses for the token those logits chose."""
+    from pastalm.engine.runner import SharedCache
+
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    real = SharedCache.forward
+
+    def forward(self, feeds):
+        out = real(self, feeds)
+        for k, (_, f) in enumerate(feeds):
+            seen[(f.span.thread, f.span.start + len(f.ids) - 1)] = out[k].float().clone()
+        return out
+
+    monkeypatch.setattr(SharedCache, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["reserve", "linear"])
+def test_the_trace_is_the_decode_as_a_training_example(model, tokenizer, monkeypatch, layout):
+    """Item 15: stage 2 trains on what was sampled. The trace of a decode, as a training example, holds each
+    thread's chosen token ids (a block cut by its budget gets no `</async>`; free blocks keep their sampled ids), and
+    a full forward over it with the collator's mask and positions gives, at every labelled slot, the logits the
+    engine decoded with: training scores exactly the answer that was sampled."""
+    from pastalm.engine import Engine, GenerateConfig, scripts_for
+    from pastalm.lang.layout import trace_layout
+    from pastalm.models import chat_prompt
+    from pastalm.train.data import LayoutCollator
+
+    seen = _slot_logits(monkeypatch)
+    eng = Engine(model, tokenizer, "tiny", stop_ids={tokenizer.eos_token_id})
+    p = '<promise tokens="{}"/>'
+    answer = ("Tips: " + p.format(2) + "<async>one two three four five</async> and " + p.format(3)
+              + "<async>short</async><sync/> Done.")
+    prompt = chat_prompt(tokenizer, "Give tips.")
+    close = tokenizer.encode("</async>", add_special_tokens=False)
+    open_n = len(tokenizer.encode("<async>", add_special_tokens=False))
+    runs = {  # forced replay with a budget cut; a scaffold whose blocks sample freely after a forced prefix
+        "forced": dict(config=GenerateConfig(layout=layout, async_cap=3, max_new_tokens=100, record_trace=True),
+                       scripts=scripts_for(tokenizer, answer)),
+        "sampled": dict(config=GenerateConfig(layout=layout, async_cap=6, max_new_tokens=100, temperature=1.0,
+                                              seed=5, record_trace=True),
+                        scripts=[scripts_for(tokenizer, answer)[0], [], []], scaffold=True),
+    }
+    collate = LayoutCollator(tokenizer.pad_token_id, torch.float32)
+    for name, kw in runs.items():
+        seen.clear()
+        res = eng.generate(prompt, **kw)
+        assert res.threads == 2, name
+        seq = trace_layout(res.trace)
+        assert sorted(zip(seq.thread, seq.index)) == sorted(set(zip(seq.thread, seq.index)))  # each slot once
+        for j in (1, 2):  # blocks 1 and 2 are columns 1 and 2 in both layouts (both fork before the sync)
+            got = [lab for c, i, lab in sorted(zip(seq.thread, seq.index, seq.labels)) if c == j and lab != IGNORE]
+            chosen = res.token_ids[j][open_n:]
+            if res.finish[j] == "eos":
+                chosen = chosen + [tokenizer.eos_token_id]
+            assert got == chosen, (name, j)
+        assert res.finish[1] == "budget" and res.token_ids[1][-len(close):] != close  # no </async> it never wrote
+        batch = collate([{"layout": seq}])
+        assert batch["labels"][0].tolist() == seq.labels
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=batch["attention_mask"]).logits[0]
+        labelled = [(k, (c, i)) for k, (c, i, lab) in enumerate(zip(seq.thread, seq.index, seq.labels))
+                    if lab != IGNORE]
+        assert len(labelled) >= 10
+        for k, slot in labelled:
+            torch.testing.assert_close(logits[k], seen[slot], atol=2e-4, rtol=1e-4)

@@ -39,7 +39,7 @@ class Batcher:
         stops = eng.stop_ids if stop_ids is None else set(stop_ids)
         interp = Interpreter(eng.tokenizer, list(prompt_ids), stops, config.policy(eng.tokenizer),
                              config.limits(eng.max_positions), config.sequential, scripts,
-                             open_block_scripts=scaffold)
+                             open_block_scripts=scaffold, trace=config.record_trace)
         mode = (("forced-" if forced else "scaffold-" if scaffold else "scripted-" if scripts else "")
                 + ("sequential" if config.sequential else "async"))
         req = Request(self._next_id, interp, config, len(prompt_ids), mode, scaffold, on_text,
@@ -172,6 +172,7 @@ class Batcher:
             token_ids=[interp.threads[0].tokens[req.prompt_len:]] + [t.tokens for t in interp.threads[1:]],
             chosen=interp.num_chosen(),
             logits=req.logits,
+            trace=interp.trace.to_json() if interp.trace is not None else None,
         )
         return req
 

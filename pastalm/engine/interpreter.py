@@ -95,6 +95,7 @@ class Thread:
     inline_pending: bool = False  # main: a promise past the thread limit waits for its forced <async>
     forked_at: int = 0  # async: main's tokens (prompt included) when it forked
     relay: list[int] = field(default_factory=list)  # main, linear layout: re-laid history fed before its tokens
+    slot: tuple[int, int] | None = None  # (column, index) of its last fed token: the query of its next token
 
     @property
     def is_main(self) -> bool:
@@ -124,12 +125,54 @@ class Feed:
     last: int = -1  # index in the thread's `tokens` of the last token fed
 
 
+@dataclass
+class Trace:
+    """What one request fed and chose, slot by slot: every feed's span and token ids, and for each fed slot whose
+    logits chose a token, that token (`targets`, keyed by (column, index)). `trace_layout` turns it into the
+    training example of exactly this decode: the sampled ids (merges, budget cuts and all), the positions and the
+    masks the engine used (stage 2 trains on it, issue 15)."""
+
+    spans: list[Span] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    targets: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """A compact, JSON-able form: feeds of one column merged where nothing but their own column's count
+        changed between them (a thread's text between forks and joins is one span, as in training)."""
+        merged: list[list] = []  # [column, start, first position, count, view]
+        for sp, ids in sorted(zip(self.spans, self.ids), key=lambda x: (x[0].thread, x[0].start)):
+            n = len(ids)
+            if not n:
+                continue
+            view = list(sp.view)
+            if merged:
+                c, start, pos, k, v = merged[-1]
+                if (c == sp.thread and start + k == sp.start and pos + k == sp.positions[0]
+                        and _same_view(v, view, c)):
+                    merged[-1][3] += n
+                    continue
+            merged.append([sp.thread, sp.start, sp.positions[0], n, view])
+        flat: dict[tuple[int, int], int] = {}
+        for sp, ids in zip(self.spans, self.ids):
+            for i, tok in enumerate(ids):
+                flat[(sp.thread, sp.start + i)] = tok
+        return {"spans": merged,
+                "ids": [[flat[(c, start + i)] for i in range(k)] for c, start, _, k, _ in merged],
+                "targets": sorted([c, i, t] for (c, i), t in self.targets.items())}
+
+
+def _same_view(a: list[int], b: list[int], own: int) -> bool:
+    n = max(len(a), len(b))
+    a, b = a + [0] * (n - len(a)), b + [0] * (n - len(b))
+    return all(x == y for j, (x, y) in enumerate(zip(a, b)) if j != own)
+
+
 class Interpreter:
     """State of one request: threads, layout, limits and the measures of the result."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop_ids: set[int], policy: ReservePolicy,
                  limits: Limits = Limits(), sequential: bool = False, scripts: list[list[int]] | None = None,
-                 open_block_scripts: bool = False):
+                 open_block_scripts: bool = False, trace: bool = False):
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.tokenizer = tokenizer
@@ -152,6 +195,7 @@ class Interpreter:
         self.clock = 0  # critical-path length of main so far, in written tokens
         self.critical = 0  # longest finished path so far
         self.threads: list[Thread] = []
+        self.trace = Trace() if trace else None  # what was fed and chosen, slot by slot (`Trace`)
         main = self._new_thread(0, "main")
         main.tokens = list(prompt_ids)
         main.num_prompt = len(prompt_ids)
@@ -182,7 +226,9 @@ class Interpreter:
         feeds: list[Feed] = []
         blocks = [t for t in self.threads[1:] if t.status < Status.DONE and t.pending()]
         main = self.main
-        join = main.status == Status.WAITING and all(
+        # a token that completes a promise and a <sync/> (a merge, an added token) forks that block first: main
+        # joins only once every block forked so far, this one included, is done
+        join = main.status == Status.WAITING and not main.pending_forks and all(
             t.status == Status.DONE or (t.status == Status.FINISHING and t in blocks) for t in self.threads[1:])
         relay = self._relay_tail() if join and self.linear and self.layout.epoch else None
         want = sum(t.pending() for t in blocks)
@@ -212,10 +258,13 @@ class Interpreter:
             main.status = Status.RUNNING
         elif main.status == Status.RUNNING and main.pending():
             feeds.append(self._feed(main, chunk))
+        # main's tokens a block forked now sees: all of them, unless main waits at a <sync/> whose token also
+        # completed this promise; that token is fed at the join, after the block (docs/spec.md E3)
+        seen = feeds[-1].last + 1 if feeds and feeds[-1].thread == 0 else main.num_fed
         for event_index, promised, ordinal in main.pending_forks:
             tid = self.layout.fork(promised)
             t = self._new_thread(tid, "async")
-            t.forked_at = len(main.tokens)
+            t.forked_at = seen
             t.text_budget = min(self.limits.async_cap, int(self.limits.async_factor * promised))
             t.budget = t.text_budget + self.tag_overhead
             if self.limits.max_positions is not None:  # the block ends at the last position, not past it
@@ -266,6 +315,9 @@ class Interpreter:
         t.relay = []
         span = self.layout.append(t.id, len(ids))
         self.num_slots += len(ids)
+        if self.trace is not None:
+            self.trace.spans.append(span)
+            self.trace.ids.append(list(ids))
         return Feed(t.id, ids, span, t.num_fed + len(own) - 1)
 
     def _block_script(self, ordinal: int) -> list[int] | None:
@@ -282,6 +334,8 @@ class Interpreter:
         for f in feeds:
             t = self.threads[f.thread]
             t.num_fed = f.last + 1
+            if f.ids:
+                t.slot = (f.span.thread, f.span.start + len(f.ids) - 1)
             if t.status == Status.FINISHING and not t.pending():
                 self._done(t)
             elif t.status == Status.RUNNING and not t.pending():
@@ -306,6 +360,8 @@ class Interpreter:
             return
         if token == STOP or token in self.stop_ids:
             t.finish = "script" if token == STOP else "eos"
+            if token != STOP:
+                self._target(t, token)
             self._done(t)
             return
         if not t.is_main and t.num_chosen >= t.text_budget and not self._continues_close(t, token):
@@ -315,6 +371,7 @@ class Interpreter:
             return
         t.tokens.append(token)
         t.num_chosen += 1
+        self._target(t, token)
         if t.is_main:
             self.clock += 1
         for ev in t.parser.feed(t.detok.add(token)):
@@ -326,6 +383,10 @@ class Interpreter:
             self._hit(f"async_budget(thread {t.id})")
         if self.num_chosen() >= self.limits.max_new_tokens:
             self.stop("max_new_tokens")
+
+    def _target(self, t: Thread, token: int) -> None:
+        if self.trace is not None and t.slot is not None:
+            self.trace.targets[t.slot] = token
 
     def _on_event(self, t: Thread, ev) -> None:
         t.events.append(ev)  # its index in main.events is what a fork is filed under

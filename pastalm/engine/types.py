@@ -36,6 +36,7 @@ class GenerateConfig:
         block_guard: a block that writes a promise (which only main may) ends there (on).
         sequential: decode everything in main, one token at a time (the baseline).
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
+        record_trace: keep what was fed and chosen (`Result.trace`, the exact training example of this decode).
     """
 
     max_new_tokens: int = opt(512, "tokens all threads may choose together", type=positive_int)
@@ -61,6 +62,7 @@ class GenerateConfig:
     seed: int = opt(0, "seeds every thread's sampling", type=int)
     sequential: bool = opt(False, "turn async decoding off (the baseline)", action="store_true")
     record_logits: bool = False
+    record_trace: bool = False
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -113,10 +115,12 @@ class Result:
     token_ids: list[list[int]] = field(default_factory=list)  # each thread's written tokens (main without prompt)
     chosen: int = 0  # tokens the model chose, tags included, forced <async> not: what max_new_tokens bounds
     logits: dict | None = field(default=None, repr=False)
+    trace: dict | None = field(default=None, repr=False)  # record_trace: `Trace.to_json()` (lang.layout.trace_layout)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("logits")
+        d.pop("trace")
         d.pop("token_ids")
         return d
 

@@ -286,3 +286,25 @@ def layout_examples(
 def tokenize_segments(tokenizer, annotated: str) -> list[tuple[Segment, list[int]]]:
     """Tokenize an annotated answer segment by segment (never across a tag boundary)."""
     return [(s, list(tokenizer.encode(s.text, add_special_tokens=False))) for s in segments(annotated)]
+
+
+def trace_layout(trace: dict) -> SequenceLayout:
+    """The training example of one decode, from `Trace.to_json()` (pastalm.engine.interpreter): the token ids the
+    engine fed, in its columns, positions and views, each labelled with the token its logits chose (IGNORE where
+    none was chosen: the prompt, forced tags, re-laid history). A full forward over it with `layout_mask` gives the
+    logits the engine decoded with, so stage 2 scores exactly the answer that was sampled."""
+    out = SequenceLayout(input_ids=[])
+    targets = {(c, i): t for c, i, t in trace["targets"]}
+    for (c, start, pos, n, view), ids in zip(trace["spans"], trace["ids"]):
+        if len(ids) != n:
+            raise ValueError(f"a trace span of {n} tokens has {len(ids)} ids")
+        span = Span(c, start, list(range(pos, pos + n)), tuple(view))
+        out.spans.append(span)
+        out.input_ids.extend(ids)
+        out.thread.extend([c] * n)
+        out.index.extend(range(start, start + n))
+        out.positions.extend(span.positions)
+        out.labels.extend(targets.pop((c, start + i), IGNORE) for i in range(n))
+    if targets:
+        raise ValueError(f"{len(targets)} trace targets name slots the trace does not feed")
+    return out

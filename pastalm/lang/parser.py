@@ -118,14 +118,12 @@ class StreamParser:
         return out
 
     def close(self) -> list[Event]:
-        """End of input: a held-back tag start of two or more characters (`<p`, `<promise topic="a`) is a stray
-        (a tag cut by a limit); a lone `<` is text."""
+        """End of input: a held-back tag start (`<`, `<p`, `<promise topic="a`) is a stray: a tag cut by the end of
+        the thread. A lone `<` there counts too: shown, it could join the next piece in reading order (a block's
+        first word, main's text after the block) into a tag head."""
         out: list[Event] = []
         if self._held:
-            if len(self._held) >= 2:
-                out.append(Stray(self._held))
-            else:
-                self._text(out, self._held)
+            out.append(Stray(self._held))
             self._held = ""
         return out
 
@@ -176,6 +174,17 @@ class StreamParser:
             k = max(len(os.path.commonprefix([s, h])) for h in TAG_HEADS)
             if k >= 2 and s[k:k + 1] == "<":  # a tag start (`</`, `<prom`) cut off by the next tag
                 return _COMPLETE, k, Stray(s[:k])
+            if k == 1 and s[1:2] == "<":  # a run of `<` right before a tag or a stray (`<<promise .../>`,
+                r = 1  # `<</<sync/>`) is a cut tag start too: shown, it would join the next piece into a tag head
+                while s[r + 1:r + 2] == "<":
+                    r += 1
+                if r + 1 >= len(s):  # what follows the run has not arrived yet
+                    return (_PARTIAL if len(s) <= MAX_PROMISE_CHARS else _NONE), 0, None
+                status = self._match(s, r)[0]  # s[r + 1] is not '<': no deeper recursion
+                if status == _COMPLETE:
+                    return _COMPLETE, r, Stray(s[:r])
+                if status == _PARTIAL:
+                    return _PARTIAL, 0, None
             return _NONE, 0, None
         end = _fragment_end(s, head.end())
         if end is None:

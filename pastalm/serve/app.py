@@ -249,22 +249,32 @@ class StopText:
         self.stopped = False
 
     def feed(self, delta: str) -> str:
-        """The text that may be sent now."""
+        """The text that may be sent now: up to the first stop string once no stop string that could start
+        earlier may still complete (`stop=["a", ".aa"]` on `..a` waits: `.aa` would come first), else up to the
+        first place where a stop string may begin."""
         if self.stopped:
             return ""
         self.buf += delta
         hits = [i for i in (self.buf.find(x) for x in self.stops) if i >= 0]
-        if hits:
+        first = min(hits) if hits else len(self.buf)
+        n = len(self.buf)
+        maybe = next((p for p in range(max(0, n - self.hold), first)
+                      if any(len(x) > n - p and x.startswith(self.buf[p:]) for x in self.stops)), None)
+        if maybe is None and hits:
             self.stopped = True
-            out, self.buf = self.buf[: min(hits)], ""
+            out, self.buf = self.buf[:first], ""
             return out
-        keep = min(self.hold, len(self.buf))
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        cut = first if maybe is None else maybe
+        out, self.buf = self.buf[:cut], self.buf[cut:]
         return out
 
     def flush(self) -> str:
-        """At the end of the answer: what was held back."""
-        out, self.buf = ("" if self.stopped else self.buf), ""
+        """At the end of the answer: what was held back (up to a stop string in it)."""
+        if self.stopped:
+            return ""
+        hits = [i for i in (self.buf.find(x) for x in self.stops) if i >= 0]
+        out, self.buf = self.buf[: min(hits)] if hits else self.buf, ""
+        self.stopped = bool(hits)
         return out
 
 

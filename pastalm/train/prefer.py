@@ -11,8 +11,11 @@ Per round and per lambda:
 3. pairs: the best valid sample against the worst sample of each prompt; prompts whose best and worst tie, or
    without a valid sample, are skipped and counted. A sample is invalid when its annotation does not validate
    or its answer is empty: it may lose, never win;
-4. train: the BoNBoN loss (`bonbon_loss`) on the pairs, with the layout's masks, positions and labels (the same
-   `build_example` as stage 1), through PEFT, continuing the adapter. The reference model of a round is the
+4. train: the BoNBoN loss (`bonbon_loss`) on the pairs, through PEFT, continuing the adapter. Each answer is
+   scored exactly as it was sampled: its decode trace (`Result.trace`, `lang.layout.trace_layout`) holds the
+   token ids the engine chose, with the positions and masks it used, so a block cut by its budget gets no
+   `</async>` it never wrote and a merged token stays one token (issue 15). Samples from before traces were kept
+   are re-tokenized from their raw form in the layout's examples (`build_weighted`, as in stage 1). The reference model of a round is the
    model it starts from: its log-probabilities of both answers are computed before the round trains.
 
 Every step writes JSONL next to its adapter and skips what is already there, so an interrupted run resumes.
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..lang.layout import IGNORE, ReservePolicy
+from ..lang.layout import IGNORE, ReservePolicy, trace_layout
 from ..lang.render import validate
 from .data import LayoutCollator, build_weighted
 from .io import append_jsonl, read_jsonl
@@ -108,9 +111,12 @@ def build_pairs(samples: list[dict], lam: float, eps: float = 1e-6) -> tuple[lis
         if same or best["raw"] == worst["raw"]:
             stats["skipped_tie"] += 1
             continue
-        pairs.append({"id": pid, "prompt": best["prompt"], "winner": best["raw"], "loser": worst["raw"],
-                      "winner_key": list(kb), "loser_key": list(kw), "winner_sample": best["sample"],
-                      "loser_sample": worst["sample"]})
+        pair = {"id": pid, "prompt": best["prompt"], "winner": best["raw"], "loser": worst["raw"],
+                "winner_key": list(kb), "loser_key": list(kw), "winner_sample": best["sample"],
+                "loser_sample": worst["sample"]}
+        if best.get("trace") and worst.get("trace"):
+            pair.update(winner_trace=best["trace"], loser_trace=worst["trace"])
+        pairs.append(pair)
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -169,7 +175,8 @@ def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, j
     have = {r["id"] for r in done}
     todo = [p for p in prompts if p["id"] not in have]
     base = GenerateConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          reserve_scale=cfg.reserve_scale if cfg.layout == "reserve" else None, layout=cfg.layout)
+                          reserve_scale=cfg.reserve_scale if cfg.layout == "reserve" else None, layout=cfg.layout,
+                          record_trace=True)
     per_batch = max(1, cfg.batch_requests // cfg.samples)
     bar = tqdm(total=len(todo), desc="sample", unit="prompt", disable=not progress)
     for i in range(0, len(todo), per_batch):
@@ -196,7 +203,7 @@ def sample_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path, j
                          "tokens": res.tokens, "tag_tokens": res.tag_tokens, "threads": res.threads,
                          "theoretical_speedup": res.theoretical_speedup, "limits_hit": res.limits_hit,
                          "valid": bool(rep.ok and res.text.strip()), "reasons": sorted(set(rep.reasons)),
-                         "quality": v.score, "judge": v.details})
+                         "quality": v.score, "judge": v.details, "trace": res.trace})
         for r in rows:  # a prompt's samples are written together, so a resumed run never sees half of them
             append_jsonl(path, r)
         done += rows
@@ -231,14 +238,20 @@ def reference_answers(engine, prompts: list[dict], cfg: PreferConfig, path: Path
 
 
 def pair_layouts(tokenizer, pairs: list[dict], cfg: PreferConfig) -> tuple[list[dict], int]:
-    """Each pair's winner and loser as lists of layouts: one each in the reserve layout, one per re-laid sync in
-    the linear layout (`build_weighted`). A pair with an example longer than `max_length` is skipped."""
+    """Each pair's winner and loser as lists of layouts: the decode's own trace (one layout, exactly what was
+    sampled: `trace_layout`) when the samples kept one; else the raw form re-tokenized, one example in the reserve
+    layout, one per re-laid sync in the linear layout (`build_weighted`). A pair with an example longer than
+    `max_length` is skipped."""
     policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     out, skipped = [], 0
     for p in pairs:
         try:
-            w, lo = ([seq for seq, _ in build_weighted(tokenizer, p["prompt"], p[k], policy, tokenizer.eos_token_id,
-                                                        cfg.system)] for k in ("winner", "loser"))
+            if p.get("winner_trace") and p.get("loser_trace"):
+                w, lo = [trace_layout(p["winner_trace"])], [trace_layout(p["loser_trace"])]
+            else:
+                w, lo = ([seq for seq, _ in build_weighted(tokenizer, p["prompt"], p[k], policy,
+                                                            tokenizer.eos_token_id, cfg.system)]
+                         for k in ("winner", "loser"))
         except ValueError:
             skipped += 1
             continue

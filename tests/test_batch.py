@@ -87,6 +87,32 @@ def test_cancel_frees_the_cache_and_the_others_go_on(model, tokenizer):
     assert not b.active and b.runner.cache.num_slots == 0  # nothing left behind once every request is done
 
 
+def test_finished_requests_are_compacted_away_while_others_decode(model, tokenizer):
+    """The batcher's own compaction (no cancel): once finished requests' slots outweigh the live ones (and 256),
+    the runner drops them mid-flight; the long request that lives through it decodes exactly as alone."""
+    eng = Engine(model, tokenizer, "tiny", stop_ids=set())  # no EOS: every request runs to its max_new_tokens
+    long_job = (chat_prompt(tokenizer, "Give me some tips."), GenerateConfig(max_new_tokens=120, record_logits=True),
+                FORCED)
+    short = [(chat_prompt(tokenizer, f"Compare apples and oranges {i} " + "in detail " * 60),
+              GenerateConfig(max_new_tokens=4), None) for i in range(6)]
+    alone = eng.generate(long_job[0], long_job[1], force=long_job[2])
+    b = eng.batcher()
+    req = add(b, tokenizer, long_job)
+    for j in short:
+        add(b, tokenizer, j)
+    sizes = []
+    while b.active:
+        b.step()
+        sizes.append(b.runner.cache.num_slots)
+        if len(b.active) == 1:
+            assert b.runner.cache.num_slots == sum(t.num_fed for t in req.interp.threads)  # only the live one
+    dead = sum(len(ids) + 4 for ids, _, _ in short)
+    assert dead > 256 and max(sizes) >= dead  # all were in the cache together ...
+    drop = [i for i in range(1, len(sizes)) if sizes[i] < sizes[i - 1]]
+    assert drop and sizes[drop[0]] < sizes[drop[0] - 1] - 256  # ... and were dropped while the long one ran
+    same(req.result, alone)
+
+
 def test_a_request_that_fails_on_its_own_leaves_the_others_exact(model, tokenizer, monkeypatch):
     """A failure that belongs to one request (here its sampling, then its interpreter) ends that request only:
     it leaves with `error` and its text so far; the others decode exactly as alone (tokens and logits)."""

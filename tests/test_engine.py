@@ -71,6 +71,7 @@ def test_greedy_without_tags_equals_hf_generate(model, tokenizer):
     ref = ref[0, len(prompt):].tolist()
     if ref and ref[-1] == tokenizer.eos_token_id:
         ref = ref[:-1]
+    assert len(ref) >= 20, "the reference stopped early: the comparison below would be nearly empty"
     eng = engine_for(model, tokenizer)
     for sequential in (False, True):
         res = eng.generate(prompt, GenerateConfig(max_new_tokens=n, sequential=sequential))

@@ -369,7 +369,7 @@ def test_async_role_after_close_is_text():
 
 def test_bad_role_raises():
     """An unknown role is a programming error and raises ValueError."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="role must be one of"):
         StreamParser("nope")
 
 
@@ -389,32 +389,35 @@ def test_validate_plain_text_ok_without_require_promise():
     """Plain text with no tags is a valid (if useless) annotation unless a promise is required."""
     assert validate("just an answer", original="just an answer").ok
     rep = validate("just an answer", require_promise=True)
-    assert not rep.ok and len(rep.problems) == 1
+    assert not rep.ok and rep.reasons == ["no-promise"] and "no promise" in rep.problems[0]
 
 
 @pytest.mark.parametrize(
-    "annotated",
+    "annotated, reasons, where",
     [
-        'a <promise topic="t" tokens="3"/> b',  # promise without a block
-        'a <promise topic="t" tokens="3"/> <async>x</async>',  # block not directly after its promise
-        '<promise topic="t" tokens="3"/><async>abc',  # unclosed block
-        'a <promise topic="t" tokens="0"/> b',  # malformed promise in main text
-        "a <sync> b",  # malformed sync in main text
-        "a </async> b",  # stray close in main text
-        '<promise topic="t" tokens="3"/><async>x <sync/></async>',  # a tag inside a block
+        ('a <promise topic="t" tokens="3"/> b', {"promise-without-block"}, "promise 1 ('t')"),
+        ('a <promise topic="t" tokens="3"/> <async>x</async>', {"promise-without-block", "malformed-tag"},
+         "'</async>'"),  # block not directly after its promise: its tags are strays
+        ('<promise topic="t" tokens="3"/><async>abc', {"unclosed-block"}, "never closed"),
+        ('a <promise topic="t" tokens="0"/> b', {"malformed-tag"}, '\'<promise topic="t" tokens="0"/>\''),
+        ("a <sync> b", {"malformed-tag"}, "'<sync>'"),
+        ("a </async> b", {"malformed-tag"}, "'</async>'"),
+        ('<promise topic="t" tokens="3"/><async>x <sync/></async>', {"malformed-tag"}, "'<sync/>'"),  # tag in a block
     ],
 )
-def test_validate_problems(annotated):
-    """Missing or unclosed blocks and malformed tags in main text are reported."""
+def test_validate_problems(annotated, reasons, where):
+    """Missing or unclosed blocks and malformed tags in main text are reported, each for what it is, and the message
+    names the offending promise or tag."""
     rep = validate(annotated)
     assert not rep.ok
-    assert rep.problems
+    assert set(rep.reasons) == reasons and len(rep.problems) == len(rep.reasons)
+    assert any(where in p for p in rep.problems), rep.problems
 
 
 def test_validate_not_lossless():
     """An annotation whose render differs from the original answer is reported."""
     rep = validate(CANONICAL, original=CANONICAL_RENDERED + " extra")
-    assert not rep.ok and len(rep.problems) == 1
+    assert not rep.ok and rep.reasons == ["not-lossless"] and "differs from the original" in rep.problems[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -498,9 +501,9 @@ def test_reserve_policy():
     assert ReservePolicy(2.5, 0).reserve(4) == 10
     assert ReservePolicy().reserve(7) == 7
     for bad in (-1, -0.5, float("inf"), float("nan")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="reserve scale must be a finite number >= 0"):
             ReservePolicy(bad, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reserve overhead must be >= 0"):
         ReservePolicy(1, -1)
 
 

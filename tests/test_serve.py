@@ -230,14 +230,15 @@ def test_bad_requests_get_openai_style_errors(server, body, status, message):
 
 def test_bad_requests_through_the_client_and_then_a_good_one(server):
     c = client(server)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="max_tokens is 5000; this server allows at most"):
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
         c.completions.create(model="tiny", prompt="")
     r = http("POST", server + "/v1/chat/completions", content=b"{not json")
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON" in r.json()["error"]["message"]
     status, body = announce_body(server + "/v1/completions", 2 << 20)
     assert status == 413 and b"error" in body
     assert ask(c, "hi", max_tokens=3).choices[0].message.content is not None

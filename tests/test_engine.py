@@ -63,20 +63,24 @@ def test_layout_positions_scale1_are_plain(tokenizer):
 
 
 def test_greedy_without_tags_equals_hf_generate(model, tokenizer):
-    """With no tags, greedy async and sequential decoding equal HF generate token for token."""
-    prompt = chat_prompt(tokenizer, "Name a color.")
+    """With no tags, greedy async and sequential decoding equal HF generate token for token: an answer that stops
+    at EOS early and one that runs to the token limit."""
     n = 40
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    ref = ref[0, len(prompt):].tolist()
-    if ref and ref[-1] == tokenizer.eos_token_id:
-        ref = ref[:-1]
-    assert len(ref) >= 20, "the reference stopped early: the comparison below would be nearly empty"
     eng = engine_for(model, tokenizer)
-    for sequential in (False, True):
-        res = eng.generate(prompt, GenerateConfig(max_new_tokens=n, sequential=sequential))
-        assert res.threads == 0
-        assert res.token_ids[0] == ref
+    lengths = []
+    for question in ("Name a color.", "Tell me about rivers.", "Give tips."):
+        prompt = chat_prompt(tokenizer, question)
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        ref = ref[0, len(prompt):].tolist()
+        if ref and ref[-1] == tokenizer.eos_token_id:
+            ref = ref[:-1]
+        lengths.append(len(ref))
+        for sequential in (False, True):
+            res = eng.generate(prompt, GenerateConfig(max_new_tokens=n, sequential=sequential))
+            assert res.threads == 0
+            assert res.token_ids[0] == ref
+    assert max(lengths) == n, "no reference ran to the limit: the comparison would be nearly empty"
 
 
 def test_thread_does_not_see_what_it_must_not(model, tokenizer):

@@ -215,3 +215,54 @@ def test_span_views_rows_by_hand():
     assert span_views(spans, 4).tolist() == want
     cmap = [{0: 3}, {0: 3, 1: 0}, {0: 3, 1: 0, 2: 1}, {0: 3, 1: 0, 2: 1}]  # thread -> column, per span
     assert span_views(spans, 4, cmap).tolist() == [[r[1], r[2], 0, r[0]] for r in want]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_logprobs_are_the_models_own_for_each_rendered_token(model, tokenizer, sequential):
+    """Without tags: one entry per token of the answer, whose log-probability and top alternatives are those of a
+    plain full forward over prompt + answer (sampling at temperature 1 does not change them: they are the model's
+    own distribution)."""
+    eng = engine_for(model, tokenizer)
+    prompt = chat_prompt(tokenizer, "Tell me about rivers.")
+    res = eng.generate(prompt, GenerateConfig(max_new_tokens=30, temperature=1.0, seed=2, logprobs=3,
+                                              sequential=sequential))
+    ids = res.token_ids[0]
+    assert len(ids) == 30 and [e["id"] for e in res.logprobs] == ids
+    assert "".join(e["text"] for e in res.logprobs) == res.text
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0].float(), -1)
+    for i, e in enumerate(res.logprobs):
+        row = ref[len(prompt) + i - 1]
+        assert e["logprob"] == pytest.approx(float(row[e["id"]]), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t for t, _ in e["top"]] == top.indices.tolist()
+        assert [v for _, v in e["top"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["reserve", "linear"])
+def test_logprobs_follow_the_rendered_answer_in_reading_order(model, tokenizer, layout):
+    """With forks: the entries' texts join to the rendered answer (no tag text, blocks in reading order); tokens
+    the model chose (the blocks', here) carry their log-probability (greedy: the top alternative is the token
+    itself); main's replayed tokens carry none."""
+    from pastalm.engine import scripts_for
+
+    eng = engine_for(model, tokenizer)
+    answer = "Tips:\n" + P.format("a", 4) + "<async>x</async>\n" + P.format("b", 4) + "<async>y</async>\n<sync/>End."
+    main = scripts_for(tokenizer, answer)[0]
+    res = eng.generate(chat_prompt(tokenizer, "Give tips."), GenerateConfig(layout=layout, async_cap=5, logprobs=2),
+                       scripts=[main, [], []], scaffold=True)
+    assert res.threads == 2 and res.text.startswith("Tips:\n") and res.text.endswith("\nEnd.")
+    assert "".join(e["text"] for e in res.logprobs) == res.text
+    chose = [e for e in res.logprobs if e["logprob"] is not None]
+    assert {e["thread"] for e in chose} == {1, 2}
+    open_n = len(tokenizer.encode("<async>", add_special_tokens=False))
+    for j in (1, 2):
+        ids = [e["id"] for e in chose if e["thread"] == j]
+        block = res.token_ids[j][open_n:]
+        # every token of the block, in order, but one at its end that wrote only part of a character (this random
+        # model's blocks end so before their EOS: the raw form and the rendered text drop it too)
+        assert ids == block[:len(ids)] and len(block) - len(ids) <= 1 and len(ids) >= 2
+        assert tokenizer.decode(ids) in res.text
+    assert all(e["top"][0][0] == e["id"] and e["top"][0][1] == pytest.approx(e["logprob"]) for e in chose)
+    shown = "".join(e["text"] for e in res.logprobs if e["logprob"] is None)
+    assert shown == "Tips:\n\n\nEnd."  # main's own text, without its tags

@@ -442,11 +442,50 @@ def test_n_choices_prompt_lists_seeds_and_refusals(server):
     # what the server does not do is refused, never silently ignored
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"logprobs": True}, "logprobs")):
+                         ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be between 0 and 20"),
+                         ({"logprobs": True, "extra_body": {"raw": True}}, "not the raw form")):
         with pytest.raises(openai.BadRequestError) as e:
             ask(c, "hi", max_tokens=2, **extra)
         assert param in str(e.value)
     assert ask(c, "hi", max_tokens=2, response_format={"type": "text"}).choices
+
+
+def test_logprobs_for_the_rendered_tokens(server):
+    """logprobs (chat: logprobs + top_logprobs; text completions: logprobs k): one entry per token of the rendered
+    answer, whose texts join to the answer; greedy, each token is its own top alternative; streamed, the chunks
+    carry the same entries as the whole response; a stop string cuts the entries with the text."""
+    c = client(server)
+    kw = dict(max_tokens=20, logprobs=True, top_logprobs=2)
+    r = ask(c, "Tell me about rivers.", **kw)
+    content, lp = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert content and "".join(t.token for t in lp) == content and len(lp) >= 10
+    for t in lp:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.bytes == list(t.token.encode())
+        if t.token:  # greedy: the chosen token is the most likely one
+            assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+    streamed, text = [], ""
+    for ch in ask(c, "Tell me about rivers.", stream=True, **kw):
+        for part in ch.choices:
+            text += part.delta.content or ""
+            if part.logprobs is not None and part.logprobs.content:
+                streamed += part.logprobs.content
+            assert len("".join(t.token for t in streamed)) <= len(text)  # never ahead of the text
+    assert text == content and [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in lp]
+    # text completions: tokens, token_logprobs, top_logprobs (a dict per token) and text_offset
+    comp = c.completions.create(model="tiny", prompt="The river", max_tokens=12, logprobs=3).choices[0]
+    lp2 = comp.logprobs
+    assert "".join(lp2.tokens) == comp.text and len(lp2.token_logprobs) == len(lp2.tokens)
+    assert lp2.text_offset == [len("".join(lp2.tokens[:i])) for i in range(len(lp2.tokens))]
+    assert all(1 <= len(d) <= 3 for d, t in zip(lp2.top_logprobs, lp2.tokens) if t)
+    # a stop string cuts the tokens where it cuts the text
+    cut = content[5:8]
+    r = ask(c, "Tell me about rivers.", stop=[cut], **kw)
+    assert r.choices[0].message.content == content[: content.find(cut)]
+    assert "".join(t.token for t in r.choices[0].logprobs.content) == r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="0 to 5"):
+        c.completions.create(model="tiny", prompt="The river", max_tokens=2, logprobs=6)
 
 
 def test_tiny_temperatures_fail_nobody(server):

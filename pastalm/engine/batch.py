@@ -31,9 +31,10 @@ class Batcher:
         self.failures: list[tuple[Request, str]] = []  # requests that failed alone, not yet taken
 
     def add(self, prompt_ids: list[int], config, scripts: list[list[int]] | None = None, scaffold: bool = False,
-            forced: bool = False, on_text=None, stop_ids: set[int] | None = None) -> Request:
+            forced: bool = False, on_text=None, stop_ids: set[int] | None = None, on_tokens=None) -> Request:
         """Queue a request; it joins at the next step. `stop_ids` overrides the engine's (empty: ignore EOS and
-        stop only at a limit, as benchmarks do)."""
+        stop only at a limit, as benchmarks do). With `config.logprobs`, `on_tokens(entries)` gets the rendered
+        answer's tokens (`Interpreter.token_logprobs`) as they become final."""
         eng = self.engine
         config = eng.check(config)
         stops = eng.stop_ids if stop_ids is None else set(stop_ids)
@@ -43,7 +44,7 @@ class Batcher:
         mode = (("forced-" if forced else "scaffold-" if scaffold else "scripted-" if scripts else "")
                 + ("sequential" if config.sequential else "async"))
         req = Request(self._next_id, interp, config, len(prompt_ids), mode, scaffold, on_text,
-                      logits={} if config.record_logits else None)
+                      logits={} if config.record_logits else None, on_tokens=on_tokens)
         self._next_id += 1
         self.active.append(req)
         return req
@@ -138,17 +139,22 @@ class Batcher:
                 if token is None:  # the runner has not decoded it yet
                     continue
             req.waiting.discard(tid)
-            interp.write(tid, token)
+            interp.write(tid, token, req.token_info.pop(tid, None))
             if req.scaffold and tid == 0:  # the rest of main's script goes in at once
                 while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
                     interp.write(0, token)
         if req.on_text is not None:
             req.streamed = _stream(interp.rendered(), req.streamed, req.on_text)
+        if req.on_tokens is not None:  # the last token shown may still grow: it goes out with the next one
+            req.tokens_sent = _send_tokens(interp.token_logprobs()[:-1], req.tokens_sent, req.on_tokens)
 
     def _finish(self, req: Request) -> Request:
         interp = req.interp
         if req.on_text is not None:
             _stream(interp.rendered(complete=True), req.streamed, req.on_text)
+        logprobs = interp.token_logprobs(complete=True) if req.config.logprobs is not None else None
+        if req.on_tokens is not None:
+            _send_tokens(logprobs, req.tokens_sent, req.on_tokens)
         tag_tokens = interp.tag_tokens()
         generated = interp.num_generated()
         hidden = interp.hidden_text()  # a refused lead: written, not shown, so not a rendered token
@@ -172,6 +178,7 @@ class Batcher:
             token_ids=[interp.threads[0].tokens[req.prompt_len:]] + [t.tokens for t in interp.threads[1:]],
             chosen=interp.num_chosen(),
             logits=req.logits,
+            logprobs=logprobs,
             trace=interp.trace.to_json() if interp.trace is not None else None,
         )
         return req
@@ -182,6 +189,12 @@ class Batcher:
         if gone or free:
             self.active = [r for r in self.active if not r.done]
             self.runner.release(gone, self.active, free)
+
+
+def _send_tokens(entries: list[dict], done: int, on_tokens) -> int:
+    if len(entries) > done:
+        on_tokens(entries[done:])
+    return max(done, len(entries))
 
 
 def _stream(text: str, done: int, on_text) -> int:

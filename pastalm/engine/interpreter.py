@@ -11,6 +11,7 @@ Every written token is fed to the cache (so main sees exactly the text a block w
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -96,6 +97,8 @@ class Thread:
     forked_at: int = 0  # async: main's tokens (prompt included) when it forked
     relay: list[int] = field(default_factory=list)  # main, linear layout: re-laid history fed before its tokens
     slot: tuple[int, int] | None = None  # (column, index) of its last fed token: the query of its next token
+    ends: list[int] = field(default_factory=list)  # end offset in the parsed text of each token the parser got
+    marks: list[tuple[int, object]] = field(default_factory=list)  # (token id, its logprob info or None) of each
 
     @property
     def is_main(self) -> bool:
@@ -353,8 +356,9 @@ class Interpreter:
             return t.script[t.num_chosen]
         return None if self.open_block_scripts and not t.is_main else STOP
 
-    def write(self, tid: int, token: int) -> None:
-        """Thread `tid` chose `token`: record it and act on the text it completes."""
+    def write(self, tid: int, token: int, info=None) -> None:
+        """Thread `tid` chose `token`: record it and act on the text it completes. `info`: the token's log-probability
+        and top alternatives, `(logprob, [(token id, logprob), ...])`, when the request asked for them."""
         t = self.threads[tid]
         if t.status != Status.RUNNING:  # ended by a limit earlier in this step
             return
@@ -374,7 +378,7 @@ class Interpreter:
         self._target(t, token)
         if t.is_main:
             self.clock += 1
-        for ev in t.parser.feed(t.detok.add(token)):
+        for ev in t.parser.feed(self._parsed(t, token, info)):
             self._on_event(t, ev)
         if t.inline_pending and t.status == Status.RUNNING:  # after every event of this token: text that came
             self._open_inline(t)  # with the promise's end precedes the block
@@ -383,6 +387,14 @@ class Interpreter:
             self._hit(f"async_budget(thread {t.id})")
         if self.num_chosen() >= self.limits.max_new_tokens:
             self.stop("max_new_tokens")
+
+    @staticmethod
+    def _parsed(t: Thread, token: int, info) -> str:
+        """The text `token` adds to what the thread's parser reads, noting which token wrote which characters."""
+        piece = t.detok.add(token)
+        t.ends.append((t.ends[-1] if t.ends else 0) + len(piece))
+        t.marks.append((token, info))
+        return piece
 
     def _target(self, t: Thread, token: int) -> None:
         if self.trace is not None and t.slot is not None:
@@ -494,7 +506,7 @@ class Interpreter:
         t.tokens.extend(ids)
         self.clock += len(ids)
         for i in ids:
-            t.events.extend(t.parser.feed(t.detok.add(i)))
+            t.events.extend(t.parser.feed(self._parsed(t, i, None)))
 
     def _done(self, t: Thread) -> None:
         t.status = Status.DONE
@@ -544,7 +556,7 @@ class Interpreter:
 
     def rendered(self, complete: bool = False) -> str:
         """The answer in reading order; with complete=False only what can be shown now (for streaming)."""
-        return "".join(text for _, text in self._pieces(complete)[0])
+        return "".join(text for _, text, _ in self._pieces(complete)[0])
 
     def hidden_text(self) -> str:
         """Main's text the rendered answer leaves out: a refused lead, and what followed the refused promise in the
@@ -554,19 +566,21 @@ class Interpreter:
         after = "".join(e.raw for e in self.main.events[self.refused + 1:] if isinstance(e, Text))
         return self._pieces(complete=True)[1] + after
 
-    def _pieces(self, complete: bool) -> tuple[list[tuple[int, str]], str]:
-        """The rendered answer as (thread, text) pieces in reading order, and the lead left out of it: the lead of
-        a promise a runaway guard refused, or, while main is running (not `complete`), main's unfinished last line
-        when it may be such a lead (docs/spec.md section 5)."""
-        pieces: list[tuple[int, str]] = []
+    def _pieces(self, complete: bool) -> tuple[list[tuple[int, str, int]], str]:
+        """The rendered answer as (thread, text, offset of the text in the thread's parsed text) pieces in reading
+        order, and the lead left out of it: the lead of a promise a runaway guard refused, or, while main is running
+        (not `complete`), main's unfinished last line when it may be such a lead (docs/spec.md section 5)."""
+        pieces: list[tuple[int, str, int]] = []
         main = self.main
         waiting = {e for e, _, _ in main.pending_forks}  # promises whose block forks at the next step
         events = main.events if self.refused is None else main.events[: self.refused]
         tail = 0  # where main's current run of text begins in `pieces`
         stopped = False
+        at = 0
         for i, ev in enumerate(events):
             if isinstance(ev, Text):
-                pieces.append((0, ev.raw))
+                pieces.append((0, ev.raw, at))
+            at += len(ev.raw)
             tid = main.forks.get(i)
             if tid is None:
                 if i in waiting and not complete:
@@ -574,7 +588,8 @@ class Interpreter:
                     break  # its block comes next in reading order; text after the promise must wait for it
                 continue
             b = self.threads[tid]
-            pieces.append((tid, b.text()))
+            own = self._text_pieces(b)
+            pieces.extend(own or [(tid, "", 0)])  # an empty block still has its (empty) piece
             tail = len(pieces)
             if b.status < Status.DONE and not complete:
                 stopped = True
@@ -583,32 +598,74 @@ class Interpreter:
                                             and main.status < Status.FINISHING)
         return pieces, self._drop_held_lead(pieces, tail) if held else ""
 
+    @staticmethod
+    def _text_pieces(t: Thread) -> list[tuple[int, str, int]]:
+        out, at = [], 0
+        for e in t.events:
+            if isinstance(e, Text):
+                out.append((t.id, e.raw, at))
+            at += len(e.raw)
+        return out
+
     def _guarded(self) -> bool:
         return self.limits.repeat_guard or self.limits.max_promises is not None
 
     @staticmethod
-    def _drop_held_lead(pieces: list[tuple[int, str]], tail: int) -> str:
+    def _drop_held_lead(pieces: list[tuple[int, str, int]], tail: int) -> str:
         """Cut main's last line (from its last line break on, within main's last run of text) when it may be a
         lead: at most LEAD_HOLD characters that look like a list item's start. Returns what was cut."""
-        run = "".join(text for _, text in pieces[tail:])
+        run = "".join(text for _, text, _ in pieces[tail:])
         line = run[run.rfind("\n") + 1:]
         if not line or len(line) > LEAD_HOLD or not _LEAD_LIKE.match(line):
             return ""
-        keep = len(run) - len(line)
-        del pieces[tail:]
-        if keep:
-            pieces.append((0, run[:keep]))
+        cut = len(line)
+        while cut:
+            tid, text, at = pieces[-1]
+            if len(text) <= cut:
+                pieces.pop()
+                cut -= len(text)
+            else:
+                pieces[-1] = (tid, text[: len(text) - cut], at)
+                cut = 0
         return line
 
     def pieces(self) -> list[dict]:
         """The rendered answer in reading order as pieces of one thread each: main's text between forks and each
         block's chunk, with the thread id and why that thread ended (quality checks look at truncated chunks)."""
         out: list[dict] = []
-        for tid, text in self._pieces(complete=True)[0]:
+        for tid, text, _ in self._pieces(complete=True)[0]:
             if out and out[-1]["thread"] == tid:
                 out[-1]["text"] += text
             else:
                 out.append({"thread": tid, "text": text, "finish": self.threads[tid].finish})
+        return out
+
+    def token_logprobs(self, complete: bool = False) -> list[dict]:
+        """The rendered answer (what `rendered(complete)` shows) token by token in reading order: per token that
+        shows text, {"text": the characters it shows, "id", "logprob", "top": [(id, logprob), ...], "thread"} (logprob None
+        for a token the model did not choose: a forced or replayed one). The texts join to the rendered answer; a
+        token that also wrote a tag shows only its text, and one that wrote only part of a character shows ''
+        (the token that completes the character shows it)."""
+        out: list[dict] = []
+        last = None
+        for tid, text, start in self._pieces(complete)[0]:
+            t = self.threads[tid]
+            end = start + len(text)
+            k = bisect.bisect_left(t.ends, start)
+            while k < len(t.ends) and (t.ends[k - 1] if k else 0) < end:
+                lo, hi = max(start, t.ends[k - 1] if k else 0), min(end, t.ends[k])
+                # a token that shows nothing yet (part of a character: the next token completes it) is listed
+                # where it stands, with empty text
+                if hi > lo or (lo == hi == t.ends[k] and start <= lo):
+                    shown = text[lo - start: hi - start]
+                    if last == (tid, k):
+                        out[-1]["text"] += shown
+                    else:
+                        token, info = t.marks[k]
+                        out.append({"text": shown, "id": token, "logprob": info[0] if info else None,
+                                    "top": list(info[1]) if info else [], "thread": tid})
+                        last = (tid, k)
+                k += 1
         return out
 
     def tag_tokens(self) -> int:

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from .interpreter import Feed
 from .mask import additive_mask, span_views, visibility
-from .sampler import sample, thread_generator
+from .sampler import sample, thread_generator, token_info
 
 
 def cache_kwarg(model) -> str:
@@ -122,8 +122,10 @@ class HFRunner:
                 try:  # one request's sampling settings must not fail the others
                     if f.thread not in req.generators:
                         req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
-                    chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
-                                                        req.generators[f.thread])
+                    tok = chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
+                                                              req.generators[f.thread])
+                    if req.config.logprobs is not None:
+                        req.token_info[f.thread] = token_info(logits[k], tok, req.config.logprobs)
                 except Exception as e:  # noqa: BLE001 - reported as this request's failure by the step loop
                     req.error = f"sampling failed: {type(e).__name__}: {e}"
         return chosen

@@ -34,3 +34,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_info(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability and the k most likely tokens with theirs, under the model's own
+    distribution (before temperature and top_p, as vLLM reports them by default)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[token]), ([(int(i), float(v)) for v, i in zip(top.values, top.indices)] if k else [])

@@ -12,6 +12,9 @@ from ..settings import nonneg_float, nonneg_int, opt, positive_float, positive_i
 from .interpreter import Feed, Interpreter, Limits
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
 @dataclass
 class GenerateConfig:
     """Settings of one generation.
@@ -37,6 +40,8 @@ class GenerateConfig:
         sequential: decode everything in main, one token at a time (the baseline).
         record_logits: keep each fed token's logits (for tests), keyed by (thread, index in thread).
         record_trace: keep what was fed and chosen (`Result.trace`, the exact training example of this decode).
+        logprobs: None, or keep each chosen token's log-probability and its `logprobs` (0-20) most likely
+            alternatives, under the model's own distribution (before temperature and top_p): `Result.logprobs`.
     """
 
     max_new_tokens: int = opt(512, "tokens all threads may choose together", type=positive_int)
@@ -63,8 +68,11 @@ class GenerateConfig:
     sequential: bool = opt(False, "turn async decoding off (the baseline)", action="store_true")
     record_logits: bool = False
     record_trace: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -116,11 +124,13 @@ class Result:
     chosen: int = 0  # tokens the model chose, tags included, forced <async> not: what max_new_tokens bounds
     logits: dict | None = field(default=None, repr=False)
     trace: dict | None = field(default=None, repr=False)  # record_trace: `Trace.to_json()` (lang.layout.trace_layout)
+    logprobs: list[dict] | None = field(default=None, repr=False)  # config.logprobs: `Interpreter.token_logprobs`
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("logits")
         d.pop("trace")
+        d.pop("logprobs")
         d.pop("token_ids")
         return d
 
@@ -145,6 +155,9 @@ class Request:
     waiting: set[int] = field(default_factory=set)  # threads that want a token and have not been given one
     result: Result | None = None  # once finished
     error: str | None = None  # set when this request failed on its own (the batch goes on without it)
+    token_info: dict = field(default_factory=dict)  # config.logprobs: thread -> (logprob, top) of its token now
+    on_tokens: object = None  # config.logprobs: called with `token_logprobs` entries as they become final
+    tokens_sent: int = 0
 
     @property
     def done(self) -> bool:

@@ -150,7 +150,8 @@ class VllmRunner:
             stop_token_ids=sorted(interp.stop_ids),
             ignore_eos=True,  # the interpreter's stop ids decide (a benchmark may have none)
             detokenize=False,
-            logprobs=5 if req.logits is not None else None,
+            logprobs=max(5 if req.logits is not None else 0, cfg.logprobs or 0) if (
+                req.logits is not None or cfg.logprobs is not None) else None,
             output_kind=RequestOutputKind.DELTA,
         )
         rid = f"pasta-{next(self.engine._ids)}"
@@ -194,6 +195,10 @@ class VllmRunner:
                     t = req.interp.threads[seq.thread]
                     req.logits[(seq.thread, len(t.tokens) - 1)] = {
                         k: v.logprob for k, v in c.logprobs[0].items()}
+                if req.config.logprobs is not None and c.logprobs:  # vLLM's raw log-probabilities, as on hf
+                    lps = c.logprobs[0]
+                    top = sorted(((k, v.logprob) for k, v in lps.items()), key=lambda x: -x[1])
+                    req.token_info[seq.thread] = (lps[tok].logprob, top[:req.config.logprobs])
             if out.finished:
                 seq.finished = (c.finish_reason if c is not None else None) or "finished"
                 self.owner.pop(seq.rid, None)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, GenerateConfig
+from ..engine.types import MAX_TOP_LOGPROBS
 from .scheduler import Busy, Closed, Job, Scheduler
 
 LENGTH_LIMITS = ("max_new_tokens", "context")
@@ -136,9 +137,30 @@ class _Common(BaseModel):
             if getattr(self, name) not in (None, "none", "auto"):
                 raise APIError(400, f"{name} is not supported by this server (no tools); leave it out",
                                param=name, code="unsupported_parameter")
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported by this server yet; leave logprobs and top_logprobs "
-                                "out", param="logprobs", code="unsupported_parameter")
+
+    def logprobs_k(self, chat: bool) -> int | None:
+        """How many alternatives each returned token carries (None: no logprobs). Chat: `logprobs: true` and
+        `top_logprobs` 0-20; text completions: `logprobs` 0-5 (as OpenAI's)."""
+        if chat:
+            if self.logprobs is not None and not isinstance(self.logprobs, bool):
+                raise APIError(400, "logprobs is true or false in /v1/chat/completions; give the number of "
+                                    "alternatives as top_logprobs", param="logprobs")
+            if self.top_logprobs is not None and not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+            k = (self.top_logprobs or 0) if self.logprobs else None
+        else:
+            if self.top_logprobs is not None:
+                raise APIError(400, "/v1/completions takes logprobs (0-5), not top_logprobs", param="top_logprobs")
+            if isinstance(self.logprobs, bool) or (self.logprobs is not None and not 0 <= self.logprobs <= 5):
+                raise APIError(400, "logprobs is the number of alternatives per token in /v1/completions, 0 to 5",
+                               param="logprobs")
+            k = self.logprobs
+        if k is not None and self.raw:
+            raise APIError(400, "logprobs are given for the rendered answer, not the raw form; leave out raw or "
+                                "logprobs", param="logprobs")
+        return k
 
 
 class ChatRequest(_Common):
@@ -279,11 +301,30 @@ class StopText:
 
 
 class _Choice:
-    """One choice of a request being answered: its job, its stop strings and its text so far."""
+    """One choice of a request being answered: its job, its stop strings, its text so far and, with logprobs, its
+    tokens (`Interpreter.token_logprobs` entries) and how many of them were sent."""
 
     def __init__(self, job: Job, stops: list[str]):
         self.job, self.stop = job, StopText(stops)
         self.text, self.result, self.error = "", None, None
+        self.tokens: list[dict] = []
+        self.tokens_sent, self.chars_sent = 0, 0
+
+    def sendable(self, final: bool = False) -> list[dict]:
+        """Tokens not sent yet that the text sent so far covers; at the end, the rest, cut where a stop string cut
+        the text (a token wholly past it is never sent)."""
+        out = []
+        while self.tokens_sent < len(self.tokens):
+            e = self.tokens[self.tokens_sent]
+            room = len(self.text) - self.chars_sent
+            if len(e["text"]) > room:
+                if not final or room <= 0:
+                    break
+                e = {**e, "text": e["text"][:room]}
+            out.append({**e, "offset": self.chars_sent})
+            self.tokens_sent += 1
+            self.chars_sent += len(e["text"])
+        return out
 
 
 def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
@@ -397,7 +438,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": cfg.model_id, "object": "model", "created": created,
                                             "owned_by": "pastalm"}]}
 
-    def _config(body: _Common, max_tokens: int | None) -> GenerateConfig:
+    def _config(body: _Common, max_tokens: int | None, chat: bool) -> GenerateConfig:
         if body.model != cfg.model_id:
             raise APIError(404, f"model '{body.model}' is not served here; this server serves '{cfg.model_id}' "
                                 "(GET /v1/models)", param="model", code="model_not_found")
@@ -413,6 +454,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             kw["top_p"] = body.top_p
         # as OpenAI's: without a seed, sampling differs from call to call; with one it is reproducible
         kw["seed"] = body.seed if body.seed is not None else secrets.randbits(62)
+        kw["logprobs"] = body.logprobs_k(chat)
         if body.pasta is not None:
             kw["sequential"] = not body.pasta.enabled
             if body.pasta.reserve_scale is not None:
@@ -482,6 +524,9 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             out = c.stop.feed(payload)
             if c.stop.stopped:  # a stop string: the answer ends here; decoding stops at the next step
                 scheduler.cancel(c.job, client_gone=False)
+        elif kind == "tokens":
+            c.tokens.extend(payload)
+            out = ""
         elif kind == "done":
             c.result = payload
             out = c.stop.flush()
@@ -506,7 +551,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                     pass
                 else:
                     _on_event(choices[index], kind, payload)
-                    if kind != "text":
+                    if kind in ("done", "error"):
                         open_.discard(index)
                 # text events keep coming while it decodes: look at the connection every 0.25 s regardless
                 if open_ and loop.time() - checked >= 0.25:
@@ -526,7 +571,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(500, failed[0], "server_error")
         return True
 
-    def _stream(choices: list[_Choice], chunk, final, endpoint: str):
+    def _stream(choices: list[_Choice], chunk, final, endpoint: str, want_lp: bool = False):
         queue = choices[0].job.queue
 
         async def events():
@@ -538,8 +583,9 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                     index, kind, payload = await queue.get()
                     c = choices[index]
                     text = _on_event(c, kind, payload)
-                    if text:
-                        yield _sse(chunk(c, text))
+                    entries = c.sendable() if want_lp and kind != "error" else None
+                    if text or entries:
+                        yield _sse(chunk(c, text, entries=entries))
                     if kind == "error":
                         open_.clear()
                         metrics.requests.labels(endpoint, "500").inc()
@@ -547,6 +593,8 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                         return
                     if kind == "done":
                         open_.discard(index)
+                        if want_lp and (rest := c.sendable(final=True)):
+                            yield _sse(chunk(c, "", entries=rest))
                         yield _sse(final(c))
                 metrics.requests.labels(endpoint, "200").inc()
                 yield "data: [DONE]\n\n"
@@ -572,16 +620,35 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 out.update(usage=_usage(results, n), limits_hit=sorted({x for r in results for x in r.limits_hit}))
             return out
 
-        def text_part(text: str, first: bool = False) -> dict:
+        want_lp = config.logprobs is not None
+
+        def lp_part(entries: list[dict] | None) -> dict | None:
+            """Logprobs in OpenAI's shape: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`, text
+            completions `{tokens, token_logprobs, top_logprobs, text_offset}`."""
+            if entries is None:
+                return None
+            dec = engine.tokenizer.decode
             if chat:
-                return {"delta": {"role": "assistant", "content": ""} if first else {"content": text}}
-            return {"text": text, "logprobs": None}
+                return {"content": [{"token": e["text"], "logprob": e["logprob"], "bytes": list(e["text"].encode()),
+                                     "top_logprobs": [{"token": dec([i]), "logprob": v, "bytes": list(dec([i]).encode())}
+                                                      for i, v in e["top"]]} for e in entries], "refusal": None}
+            return {"tokens": [e["text"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                    "top_logprobs": [{dec([i]): v for i, v in e["top"]} for e in entries],
+                    "text_offset": [e["offset"] for e in entries]}
+
+        def text_part(text: str, first: bool = False, entries: list[dict] | None = None) -> dict:
+            if chat:
+                part = {"delta": {"role": "assistant", "content": ""} if first else {"content": text}}
+                if want_lp:
+                    part["logprobs"] = lp_part(entries)
+                return part
+            return {"text": text, "logprobs": lp_part(entries)}
 
         if body.stream:
             obj = "chat.completion.chunk" if chat else "text_completion"
 
-            def chunk(c: _Choice, text, first=False):
-                return envelope(obj, [{"index": c.job.index, **text_part("" if first else text, first),
+            def chunk(c: _Choice, text, first=False, entries=None):
+                return envelope(obj, [{"index": c.job.index, **text_part("" if first else text, first, entries),
                                        "finish_reason": None}])
 
             def final(c: _Choice):
@@ -591,7 +658,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                     out["raw"] = c.result.raw
                 return out
 
-            return _stream(choices, chunk, final, endpoint)
+            return _stream(choices, chunk, final, endpoint, want_lp)
         if not await _collect(choices, request):  # nobody to answer: 499, as nginx logs a client that left
             metrics.requests.labels(endpoint, "499").inc()
             return Response(status_code=499)
@@ -599,7 +666,13 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         parts = []
         for c in choices:
             content = c.result.raw if body.raw else c.text
-            part = {"message": {"role": "assistant", "content": content}} if chat else text_part(content)
+            entries = c.sendable(final=True) if want_lp else None
+            if chat:
+                part = {"message": {"role": "assistant", "content": content}}
+                if want_lp:
+                    part["logprobs"] = lp_part(entries)
+            else:
+                part = text_part(content, entries=entries)
             parts.append({"index": c.job.index, **part, "finish_reason": _finish_reason(c)})
         return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
                         body.n)
@@ -609,7 +682,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         from ..models import chat_messages
 
         max_tokens = body.max_completion_tokens or body.max_tokens
-        config = _config(body, max_tokens)
+        config = _config(body, max_tokens, chat=True)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if cfg.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": cfg.system})
@@ -619,7 +692,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        config = _config(body, body.max_tokens)
+        config = _config(body, body.max_tokens, chat=False)
         prompts = await run_in_threadpool(lambda: [list(engine.tokenizer.encode(p)) for p in body.prompt])
         for ids in prompts:
             _check_prompt(ids)

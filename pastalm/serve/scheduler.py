@@ -29,7 +29,8 @@ class Closed(Exception):
 @dataclass
 class Job:
     """One request (one choice of one HTTP request) as the serving loop sees it. Events on `queue`:
-    (index, "text", delta), (index, "done", Result), (index, "error", message); the jobs of one HTTP request (n
+    (index, "text", delta), (index, "tokens", logprob entries) when it asked for logprobs, (index, "done", Result),
+    (index, "error", message); the jobs of one HTTP request (n
     choices, several prompts) share a queue and tell their events apart by `index`."""
 
     prompt_ids: list[int]
@@ -129,8 +130,11 @@ class Scheduler:
                 self._cancel(cancels)
                 for job in admit:
                     try:
+                        on_tokens = (None if job.config.logprobs is None
+                                     else lambda e, j=job: j.emit("tokens", e))
                         job.request = self.batcher.add(job.prompt_ids, job.config, stop_ids=job.stop_ids,
-                                                       on_text=lambda s, j=job: j.emit("text", s))
+                                                       on_text=lambda s, j=job: j.emit("text", s),
+                                                       on_tokens=on_tokens)
                     except Exception as e:  # noqa: BLE001 - this request's settings: it fails alone
                         self._release()
                         job.emit("error", f"could not start decoding: {type(e).__name__}: {e}")

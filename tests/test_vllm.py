@@ -59,6 +59,20 @@ def test_greedy_free_decoding_matches_the_hf_backend(engines):
         assert a.token_ids == b.token_ids and a.text == b.text
 
 
+def test_logprobs_match_the_hf_backend(engines):
+    """logprobs on vLLM (its raw log-probabilities) give the same entries as on the transformers backend: the same
+    rendered tokens, log-probabilities within 1e-4, the same top alternatives."""
+    hf, vl = engines
+    ids = chat_prompt(hf.tokenizer, "Tell me some things.")
+    cfg = GenerateConfig(layout="linear", max_new_tokens=40, logprobs=3)
+    a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
+    assert a.text == b.text and [e["text"] for e in a.logprobs] == [e["text"] for e in b.logprobs]
+    assert "".join(e["text"] for e in b.logprobs) == b.text and len(b.logprobs) >= 20
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x["id"] == y["id"] and abs(x["logprob"] - y["logprob"]) < 1e-4
+        assert [t for t, _ in x["top"]] == [t for t, _ in y["top"]]
+
+
 def test_vllm_refuses_the_reserve_layout(engines):
     _, vl = engines
     with pytest.raises(ValueError, match="linear"):

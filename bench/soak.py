@@ -11,7 +11,7 @@ fixed, seeded mix:
   streamed requests is recorded separately.
 
 Reports 5xx answers, failed innocent requests, malformed requests not answered with a 4xx JSON object, RSS after
-warm-up and after the soak (and their ratio), p50/p95 time to first token of short requests alone and while a long
+warm-up (one pass of the whole mix) and after the soak (and their ratio, and the RSS every 5 s during the soak), p50/p95 time to first token of short requests alone and while a long
 prompt is being prefilled, and the server's counts at the end (nothing running, no cache held). Prints a table and
 writes bench/results/soak.json.
 
@@ -155,14 +155,26 @@ async def run(args) -> dict:
         while queue:
             await one(queue.pop())
 
-    warm = ["normal", "stream"] * 8
-    await asyncio.gather(*(worker(warm) for _ in range(args.concurrency)))
-    rss_warm = rss_mib(proc.pid)
+    # warm-up: one pass of the whole mix (long prompts included), so that "after warm-up" is a server that has
+    # seen every kind of request; its answers count like the soak's
     mix = [k for k, w in KINDS.items() for _ in range(w)]
+    warm = rng.sample(mix, len(mix))
+    await asyncio.gather(*(worker(warm) for _ in range(args.concurrency)))
+    await asyncio.sleep(2)
+    rss_warm = rss_mib(proc.pid)
     todo = [rng.choice(mix) for _ in range(args.requests)]
+    samples: list[float] = []
+
+    async def watch() -> None:  # the server's RSS every 5 s during the soak
+        while True:
+            samples.append(rss_mib(proc.pid))
+            await asyncio.sleep(5)
+
+    watcher = asyncio.create_task(watch())
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(todo) for _ in range(args.concurrency)))
     wall = time.perf_counter() - t0
+    watcher.cancel()
     await asyncio.sleep(2)
     import urllib.request
 
@@ -175,6 +187,9 @@ async def run(args) -> dict:
     return {"machine": machine(), "when": timestamp(), "args": dict(vars(args)), **stats,
             "wall_s": round(wall, 1), "rss_after_warmup_mib": round(rss_warm, 1),
             "rss_after_soak_mib": round(rss_end, 1), "rss_ratio": round(rss_end / rss_warm, 3),
+            "rss_peak_during_soak_mib": round(max(samples), 1) if samples else None,
+            "rss_at_quarters_of_soak_mib": [round(samples[int(q * (len(samples) - 1))], 1)
+                                              for q in (0.25, 0.5, 0.75, 1.0)] if samples else None,
             "ttft_short_p50_s": pct(ttft_alone, 0.5), "ttft_short_p95_s": pct(ttft_alone, 0.95),
             "ttft_short_during_long_p50_s": pct(ttft_long, 0.5), "ttft_short_during_long_p95_s": pct(ttft_long, 0.95),
             "short_streams_during_long": len(ttft_long),

@@ -71,18 +71,24 @@ class Batcher:
         the shared runner step itself propagates."""
         finished: list[Request] = []
         work = []
-        # chunked prefill: a runner with a per-step token budget (the transformers one) gets long prompts in pieces,
-        # so a long prompt delays the other requests' next tokens by one piece per step, not by its whole prefill
+        # chunked prefill: a runner with a per-step budget of prompt tokens (the transformers one) gets long prompts
+        # in pieces, so a long prompt delays the other requests' next tokens by one piece per step, not by its whole
+        # prefill. While any request decodes, the budget is the smaller `busy_tokens` (a step's time is mostly its
+        # prefill piece), and the requests with the least to feed go first: decoding threads and short prompts are
+        # never held behind a long prompt (docs/serving.md, "Soak").
         budget = getattr(self.runner, "step_tokens", None)
-        for req in list(self.active):
+        order = sorted(self.active, key=lambda r: r.interp.main.pending())
+        if budget is not None and any(r.interp.main.num_fed >= r.interp.main.num_prompt for r in order):
+            budget = min(budget, getattr(self.runner, "busy_tokens", budget))
+        for req in order:
             interp = req.interp
             try:
                 if interp.finished:
                     finished.append(self._finish(req))
                     continue
                 fs = interp.schedule(None if budget is None else max(MIN_CHUNK, budget))
-                if budget is not None:
-                    budget -= sum(len(f.ids) for f in fs)
+                if budget is not None:  # a decoding thread's one token a step is not prefill
+                    budget -= sum(len(f.ids) - 1 for f in fs)
                 if not fs and not req.waiting:
                     interp.stop("stalled")  # a limit ended it (then a no-op), or nothing can move
                     finished.append(self._finish(req))

@@ -11,6 +11,7 @@ steps; the slots of a finished or cancelled request are dropped from the cache o
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 
 import torch
@@ -99,11 +100,25 @@ class SharedCache:
         return dropped
 
 
+TRIM_SLOTS = 1024  # dropping this many cache slots at once hands the freed memory back (`trim_memory`)
+
+
+def trim_memory() -> None:
+    """Give free heap memory back to the system (glibc's malloc_trim; a no-op elsewhere). The KV cache grows by
+    reallocation each step, so a burst of long prompts leaves freed blocks behind that glibc would otherwise keep:
+    the server's resident memory then stays at its peak (docs/serving.md, "Soak")."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class HFRunner:
     """The `Runner` of the transformers backend: every request's feeds in one forward over the shared cache, then
     each wanting thread's token from its logits (greedy, or sampled with the thread's seeded generator)."""
 
-    step_tokens = 512  # tokens one step feeds at most, when prompts wait (chunked prefill); decoding is never held
+    step_tokens = 512  # prompt tokens one step feeds at most (chunked prefill); decoding is never held
+    busy_tokens = 128  # ... while any request decodes: a step's time is mostly its prefill piece
 
     def __init__(self, model):
         self.model = model
@@ -131,14 +146,19 @@ class HFRunner:
         return chosen
 
     def release(self, gone: list, live: list, now: bool = False) -> None:
-        """Drop the slots of finished requests once they are most of the cache (or `now`)."""
+        """Drop the slots of finished requests once they are most of the cache (or `now`); after dropping many, hand
+        the freed memory back to the system."""
         if not live:
             if self.cache.num_slots:
+                dropped = self.cache.num_slots
                 self.cache = SharedCache(self.model)
+                if dropped >= TRIM_SLOTS:
+                    trim_memory()
             return
         used = sum(r.interp.num_slots for r in live)
         if now or self.cache.num_slots - used > max(256, used):
-            self.cache.compact(live)
+            if self.cache.compact(live) >= TRIM_SLOTS:
+                trim_memory()
 
     def stats(self) -> dict:
         return {"cache_slots": self.cache.num_slots}

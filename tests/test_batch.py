@@ -269,3 +269,32 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(model, tokenizer, monk
 
     # the long one has what is left (but never less than MIN_CHUNK: it always advances)
     assert big.interp.main.num_fed - fed_before == max(MIN_CHUNK, 64 - (len(late_ids) - 1))
+
+
+def test_long_prompts_are_fed_one_at_a_time(model, tokenizer, monkeypatch):
+    """Two long prompts that arrive together while something decodes: the one with less to feed goes in pieces, the
+    other waits (holds no cache) until the first is in; both answer as they would alone."""
+    from pastalm.engine.runner import HFRunner
+
+    monkeypatch.setattr(HFRunner, "busy_tokens", 64)
+    eng = Engine(model, tokenizer, "tiny", stop_ids=set())
+    b = eng.batcher()
+    b.add(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=200))
+    b.step()
+    cfg = GenerateConfig(max_new_tokens=3)
+    a_ids = chat_prompt(tokenizer, "Tell me about " + "rivers and lakes " * 40)
+    c_ids = chat_prompt(tokenizer, "Tell me about " + "rivers and lakes " * 50)
+    alone = [eng.generate(ids, cfg) for ids in (a_ids, c_ids)]
+    a, c = b.add(a_ids, cfg), b.add(c_ids, cfg)
+    steps = 0
+    while a.interp.main.num_fed < len(a_ids):
+        b.step()
+        steps += 1
+        if a.interp.main.num_fed < len(a_ids):  # (the step that feeds the last piece gives the rest to the next)
+            assert c.interp.main.num_fed == 0 and c.interp.num_slots == 0
+    assert steps >= 2 and c.interp.main.num_fed < len(c_ids)
+    b.step()
+    assert 0 < c.interp.main.num_fed < len(c_ids)  # its turn
+    while b.active and not (a.done and c.done):
+        b.step()
+    assert a.result.token_ids == alone[0].token_ids and c.result.token_ids == alone[1].token_ids

@@ -75,17 +75,24 @@ class Batcher:
         # in pieces, so a long prompt delays the other requests' next tokens by one piece per step, not by its whole
         # prefill. While any request decodes, the budget is the smaller `busy_tokens` (a step's time is mostly its
         # prefill piece), and the requests with the least to feed go first: decoding threads and short prompts are
-        # never held behind a long prompt (docs/serving.md, "Soak").
+        # never held behind a long prompt, and a prompt that does not fit what is left waits while another is fed in
+        # pieces (docs/serving.md, "Soak").
         budget = getattr(self.runner, "step_tokens", None)
         order = sorted(self.active, key=lambda r: r.interp.main.pending())
         if budget is not None and any(r.interp.main.num_fed >= r.interp.main.num_prompt for r in order):
             budget = min(budget, getattr(self.runner, "busy_tokens", budget))
+        prefilling = False  # a prompt is being fed in pieces this step: other prompts wait for their turn
         for req in order:
             interp = req.interp
             try:
                 if interp.finished:
                     finished.append(self._finish(req))
                     continue
+                main = interp.main
+                if budget is not None and main.num_fed < main.num_prompt:
+                    if prefilling and budget < main.pending():
+                        continue  # one long prompt at a time: the cache (and each step's attention) stays small
+                    prefilling = prefilling or budget < main.pending()
                 fs = interp.schedule(None if budget is None else max(MIN_CHUNK, budget))
                 if budget is not None:  # a decoding thread's one token a step is not prefill
                     budget -= sum(len(f.ids) - 1 for f in fs)

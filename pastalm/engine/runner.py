@@ -146,8 +146,8 @@ class HFRunner:
         return chosen
 
     def release(self, gone: list, live: list, now: bool = False) -> None:
-        """Drop the slots of finished requests once they are most of the cache (or `now`); after dropping many, hand
-        the freed memory back to the system."""
+        """Drop the slots of finished requests once they outweigh a quarter of the live ones (or `now`); after
+        dropping many, hand the freed memory back to the system."""
         if not live:
             if self.cache.num_slots:
                 dropped = self.cache.num_slots
@@ -156,7 +156,9 @@ class HFRunner:
                     trim_memory()
             return
         used = sum(r.interp.num_slots for r in live)
-        if now or self.cache.num_slots - used > max(256, used):
+        # dead slots still cost every step (each query's attention spans the whole shared cache): drop them once they
+        # are a quarter of the live ones (a compaction copies the cache once, as a step's append does)
+        if now or self.cache.num_slots - used > max(256, used // 4):
             if self.cache.compact(live) >= TRIM_SLOTS:
                 trim_memory()
 

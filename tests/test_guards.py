@@ -124,3 +124,24 @@ def test_stream_holds_a_lead_back_until_its_promise_forks(tokenizer):
     parts = drive(interp)
     assert long_lead in "".join(parts[:-1])  # streamed before the end, so it stays
     assert interp.rendered(complete=True).endswith(long_lead)
+
+
+def test_the_first_lead_streams_at_once(tokenizer):
+    """Before main's first promise no guard can refuse anything (nothing repeats yet, max_promises is not reached),
+    so the first lead is not held: it streams while its promise is still being written. Later leads are held."""
+    scripts = [tokenizer.encode(t, add_special_tokens=False) for t in thread_texts(RUNAWAY, False)]
+    interp = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                         {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(), False, scripts)
+    shown_before_first_promise = None
+    while not interp.finished:
+        for tid in interp.fed(interp.schedule()):
+            tok = interp.scripted(tid)
+            interp.write(tid, tok)
+        if shown_before_first_promise is None and interp.main.parser.held.startswith("<prom"):
+            shown_before_first_promise = interp.rendered()
+    assert shown_before_first_promise == "Ways:\n\n1. **Buy**:"
+    limited = Interpreter(tokenizer, tokenizer.encode("Save money?", add_special_tokens=False),
+                          {tokenizer.eos_token_id}, ReservePolicy.for_tokenizer(tokenizer), Limits(max_promises=1),
+                          False, scripts)
+    parts = drive(limited)  # max_promises=1: the second lead may be refused, so it is held, and it is refused
+    assert "2. **Plan**" not in "".join(parts) and limited.limits_hit == ["max_promises"]

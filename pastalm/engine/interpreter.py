@@ -580,6 +580,8 @@ class Interpreter:
         for i, ev in enumerate(events):
             if isinstance(ev, Text):
                 pieces.append((0, ev.raw, at))
+            elif isinstance(ev, Promise):
+                tail = len(pieces)  # a lead is text after main's last promise (forked or decoded inline)
             at += len(ev.raw)
             tid = main.forks.get(i)
             if tid is None:
@@ -608,7 +610,11 @@ class Interpreter:
         return out
 
     def _guarded(self) -> bool:
-        return self.limits.repeat_guard or self.limits.max_promises is not None
+        """Whether a runaway guard could refuse main's next promise: only then may a lead be held back. Before
+        main's first promise nothing can repeat, so an answer's first lead streams at once."""
+        lim = self.limits
+        return ((lim.max_promises is not None and self.num_promises >= lim.max_promises)
+                or (lim.repeat_guard and any(self.topics)))
 
     @staticmethod
     def _drop_held_lead(pieces: list[tuple[int, str, int]], tail: int) -> str:

@@ -352,7 +352,14 @@ def test_pasta_eval_end_to_end_and_resume(folder, tmp_path, capsys, monkeypatch)
     capsys.readouterr()
     # other settings in the same folder are refused
     assert main(argv[:-1] + ["--temperature", "0.7", "--quiet"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (generate.temperature)" in capsys.readouterr().err
+    # a folder made before a setting existed resumes when the run uses that setting's default, and only then
+    run = json.loads((out / "run.json").read_text())
+    del run["generate"]["max_promises"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(argv) == 0
+    assert main(argv[:-1] + ["--max-promises", "3", "--quiet"]) == 2
+    assert "other settings (generate.max_promises)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

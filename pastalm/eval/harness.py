@@ -503,17 +503,25 @@ def alpaca_eval_files(records: list[dict], out_dir: Path, prompts: list[dict]) -
     return paths
 
 
+_NOT_SETTINGS = {"record_logits", "record_trace", "logprobs"}  # what a decode records, not how it decodes
+
+
 def check_settings(out_dir: Path, engines: dict[str, Engine], cfg: EvalConfig) -> None:
     """Save the run's settings in out_dir/run.json; refuse to resume a folder made with other settings (its old
     answers would be compared with new ones). Adding a mode to a folder is allowed."""
-    settings = {"generate": {k: v for k, v in vars(cfg.generate).items() if k != "record_logits"},
+    settings = {"generate": {k: v for k, v in vars(cfg.generate).items() if k not in _NOT_SETTINGS},
                 "system": cfg.system, "sot": [cfg.sot_skeleton_tokens, cfg.sot_point_tokens],
                 "models": {m: e.name for m, e in engines.items()},
                 "mode_options": {m: cfg.mode_options.get(m, {}) for m in engines}}
     path = out_dir / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = [k for k in ("generate", "system", "sot") if old.get(k) != settings[k]]
+        diff = [k for k in ("system", "sot") if old.get(k) != settings[k]]
+        # a decoding setting added after the folder was made is absent from its file: it ran with the default
+        defaults = {k: v for k, v in vars(GenerateConfig()).items() if k not in _NOT_SETTINGS}
+        was = {k: v for k, v in old.get("generate", {}).items() if k not in _NOT_SETTINGS}
+        diff = [f"generate.{k}" for k in sorted(set(was) | set(settings["generate"]))
+                if was.get(k, defaults.get(k)) != settings["generate"].get(k, defaults.get(k))] + diff
         diff += [f"model of {m}" for m, n in settings["models"].items() if old["models"].get(m, n) != n]
         diff += [f"options of {m}" for m, o in settings["mode_options"].items()
                  if m in old["models"] and old.get("mode_options", {}).get(m, {}) != o]

@@ -489,9 +489,9 @@ def evaluate(args) -> int:
     for mode in cfg.modes:
         if mode not in wanted:
             raise ValueError(f"--modes: {mode} names no adapter; pass --adapter LABEL=ADAPTER,... for pasta:LABEL")
-        adapter = wanted[mode]
-        if adapter == "auto" and args.model is None:  # the shipped adapter of the layout this mode decodes
-            adapter = auto_adapter(options.get(mode, {}).get("layout", cfg.generate.layout), settings.backend)
+        # 'auto': the shipped adapter of the layout this mode decodes
+        adapter = auto_adapter(wanted[mode], args.model, options.get(mode, {}).get("layout", cfg.generate.layout),
+                               settings.backend)
         key = resolve_adapter(adapter, args.model)
         if key not in cache:  # the same weights twice are loaded once
             cache[key] = settings.engine(adapter)

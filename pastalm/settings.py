@@ -156,9 +156,7 @@ class ModelSettings:
         takes the shipped adapter trained for `layout` (None: the backend's own), `models.auto_adapter`."""
         from .models import auto_adapter
 
-        adapter = self.adapter if adapter is None else adapter
-        if adapter == "auto" and self.model is None:
-            adapter = auto_adapter(layout, self.backend)
+        adapter = auto_adapter(self.adapter if adapter is None else adapter, self.model, layout, self.backend)
         if self.backend == "vllm":
             from .engine.vllm import load_vllm
 

@@ -53,13 +53,15 @@ def test_the_linear_layout_gets_the_adapter_trained_in_it():
     rec = json.loads((folder / "pasta_prefer.json").read_text())
     assert rec["config"]["layout"] == "linear" and rec["round"]["lambda"] == "inf"
     assert rec["shipped"]["sha256"] == adapter_digest(folder)
-    sft = json.loads((BUNDLED_ADAPTERS["pasta-linear"] / "pasta_prefer.json").read_text())["config"]["from_adapter"]
-    assert sft.endswith("v4-sft")
-    assert auto_adapter("linear") == auto_adapter(None, "vllm") == auto_adapter("linear", "vllm") == "pasta-linear"
-    assert auto_adapter(None) == auto_adapter("reserve") == "pasta"
-    assert resolve_adapter("auto", None, "linear") == folder
+    assert rec["config"]["from_adapter"].endswith("v4-sft")
+    assert (auto_adapter("auto", None, "linear") == auto_adapter(None, None, None, "vllm")
+            == auto_adapter("auto", None, "linear", "vllm") == "pasta-linear")
+    assert auto_adapter("auto", None) == auto_adapter("auto", None, "reserve") == "pasta"
+    assert auto_adapter("pasta", None, "linear") == "pasta"  # a named adapter is kept
+    assert auto_adapter("auto", "some/other-model", "linear") == "auto"  # another model: no shipped adapter
+    assert resolve_adapter(auto_adapter("auto", None, "linear"), None) == folder
     assert resolve_adapter("auto", None) == BUNDLED_ADAPTERS["pasta"]
-    assert resolve_adapter("auto", "some/other-model", "linear") is None
+    assert resolve_adapter(auto_adapter("auto", "some/other-model", "linear"), "some/other-model") is None
     assert ModelSettings().adapter == "auto"
 
 

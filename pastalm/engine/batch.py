@@ -78,9 +78,11 @@ class Batcher:
         # never held behind a long prompt, and a prompt that does not fit what is left waits while another is fed in
         # pieces (docs/serving.md, "Soak").
         budget = getattr(self.runner, "step_tokens", None)
-        order = sorted(self.active, key=lambda r: r.interp.main.pending())
-        if budget is not None and any(r.interp.main.num_fed >= r.interp.main.num_prompt for r in order):
-            budget = min(budget, getattr(self.runner, "busy_tokens", budget))
+        order = list(self.active)
+        if budget is not None:
+            order.sort(key=lambda r: r.interp.main.pending())
+            if any(r.interp.main.num_fed >= r.interp.main.num_prompt for r in order):
+                budget = min(budget, getattr(self.runner, "busy_tokens", budget))
         prefilling = False  # a prompt is being fed in pieces this step: other prompts wait for their turn
         for req in order:
             interp = req.interp
@@ -156,10 +158,15 @@ class Batcher:
             if req.scaffold and tid == 0:  # the rest of main's script goes in at once
                 while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
                     interp.write(0, token)
+        if req.on_tokens is not None:  # one pass over the answer for both: the entries' texts join to the text
+            entries = interp.token_logprobs()
+            text = "".join(e["text"] for e in entries)
+            # the last token shown may still grow: it goes out with the next one
+            req.tokens_sent = _stream(entries[:-1], req.tokens_sent, req.on_tokens)
+        else:
+            text = interp.rendered() if req.on_text is not None else None
         if req.on_text is not None:
-            req.streamed = _stream(interp.rendered(), req.streamed, req.on_text)
-        if req.on_tokens is not None:  # the last token shown may still grow: it goes out with the next one
-            req.tokens_sent = _send_tokens(interp.token_logprobs()[:-1], req.tokens_sent, req.on_tokens)
+            req.streamed = _stream(text, req.streamed, req.on_text)
 
     def _finish(self, req: Request) -> Request:
         interp = req.interp
@@ -167,7 +174,7 @@ class Batcher:
             _stream(interp.rendered(complete=True), req.streamed, req.on_text)
         logprobs = interp.token_logprobs(complete=True) if req.config.logprobs is not None else None
         if req.on_tokens is not None:
-            _send_tokens(logprobs, req.tokens_sent, req.on_tokens)
+            _stream(logprobs, req.tokens_sent, req.on_tokens)
         tag_tokens = interp.tag_tokens()
         generated = interp.num_generated()
         hidden = interp.hidden_text()  # a refused lead: written, not shown, so not a rendered token
@@ -204,13 +211,9 @@ class Batcher:
             self.runner.release(gone, self.active, free)
 
 
-def _send_tokens(entries: list[dict], done: int, on_tokens) -> int:
-    if len(entries) > done:
-        on_tokens(entries[done:])
-    return max(done, len(entries))
-
-
-def _stream(text: str, done: int, on_text) -> int:
-    if len(text) > done:
-        on_text(text[done:])
-    return max(done, len(text))
+def _stream(items, done: int, send) -> int:
+    """Send what `items` (the text shown so far, or its token entries) has past the first `done`; return the new
+    count."""
+    if len(items) > done:
+        send(items[done:])
+    return max(done, len(items))

@@ -98,7 +98,7 @@ class Thread:
     relay: list[int] = field(default_factory=list)  # main, linear layout: re-laid history fed before its tokens
     slot: tuple[int, int] | None = None  # (column, index) of its last fed token: the query of its next token
     ends: list[int] = field(default_factory=list)  # end offset in the parsed text of each token the parser got
-    marks: list[tuple[int, object]] = field(default_factory=list)  # (token id, its logprob info or None) of each
+    infos: dict[int, tuple] = field(default_factory=dict)  # index in `ends` -> that token's logprob info, if asked
 
     @property
     def is_main(self) -> bool:
@@ -143,31 +143,27 @@ class Trace:
         """A compact, JSON-able form: feeds of one column merged where nothing but their own column's count
         changed between them (a thread's text between forks and joins is one span, as in training)."""
         merged: list[list] = []  # [column, start, first position, count, view]
+        ids_out: list[list[int]] = []
         for sp, ids in sorted(zip(self.spans, self.ids), key=lambda x: (x[0].thread, x[0].start)):
-            n = len(ids)
-            if not n:
+            if not ids:
                 continue
-            view = list(sp.view)
             if merged:
                 c, start, pos, k, v = merged[-1]
                 if (c == sp.thread and start + k == sp.start and pos + k == sp.positions[0]
-                        and _same_view(v, view, c)):
-                    merged[-1][3] += n
+                        and _same_view(v, sp.view, c)):
+                    merged[-1][3] += len(ids)
+                    ids_out[-1] += ids
                     continue
-            merged.append([sp.thread, sp.start, sp.positions[0], n, view])
-        flat: dict[tuple[int, int], int] = {}
-        for sp, ids in zip(self.spans, self.ids):
-            for i, tok in enumerate(ids):
-                flat[(sp.thread, sp.start + i)] = tok
-        return {"spans": merged,
-                "ids": [[flat[(c, start + i)] for i in range(k)] for c, start, _, k, _ in merged],
+            merged.append([sp.thread, sp.start, sp.positions[0], len(ids), list(sp.view)])
+            ids_out.append(list(ids))
+        return {"spans": merged, "ids": ids_out,
                 "targets": sorted([c, i, t] for (c, i), t in self.targets.items())}
 
 
-def _same_view(a: list[int], b: list[int], own: int) -> bool:
+def _same_view(a, b, own: int) -> bool:
+    """Equal views but for column `own` (a column a view does not list yet counts 0)."""
     n = max(len(a), len(b))
-    a, b = a + [0] * (n - len(a)), b + [0] * (n - len(b))
-    return all(x == y for j, (x, y) in enumerate(zip(a, b)) if j != own)
+    return all((a[j] if j < len(a) else 0) == (b[j] if j < len(b) else 0) for j in range(n) if j != own)
 
 
 class Interpreter:
@@ -320,7 +316,7 @@ class Interpreter:
         self.num_slots += len(ids)
         if self.trace is not None:
             self.trace.spans.append(span)
-            self.trace.ids.append(list(ids))
+            self.trace.ids.append(ids)
         return Feed(t.id, ids, span, t.num_fed + len(own) - 1)
 
     def _block_script(self, ordinal: int) -> list[int] | None:
@@ -364,7 +360,7 @@ class Interpreter:
             return
         if token == STOP or token in self.stop_ids:
             t.finish = "script" if token == STOP else "eos"
-            if token != STOP:
+            if token != STOP and self.trace is not None:
                 self._target(t, token)
             self._done(t)
             return
@@ -375,7 +371,8 @@ class Interpreter:
             return
         t.tokens.append(token)
         t.num_chosen += 1
-        self._target(t, token)
+        if self.trace is not None:
+            self._target(t, token)
         if t.is_main:
             self.clock += 1
         for ev in t.parser.feed(self._parsed(t, token, info)):
@@ -392,12 +389,14 @@ class Interpreter:
     def _parsed(t: Thread, token: int, info) -> str:
         """The text `token` adds to what the thread's parser reads, noting which token wrote which characters."""
         piece = t.detok.add(token)
+        if info is not None:
+            t.infos[len(t.ends)] = info
         t.ends.append((t.ends[-1] if t.ends else 0) + len(piece))
-        t.marks.append((token, info))
         return piece
 
     def _target(self, t: Thread, token: int) -> None:
-        if self.trace is not None and t.slot is not None:
+        """Trace: the slot whose logits chose `token` (the thread's last fed one) gets it as its target."""
+        if t.slot is not None:
             self.trace.targets[t.slot] = token
 
     def _on_event(self, t: Thread, ev) -> None:
@@ -656,6 +655,7 @@ class Interpreter:
         last = None
         for tid, text, start in self._pieces(complete)[0]:
             t = self.threads[tid]
+            first = t.num_prompt if t.is_main else len(self.open_ids)  # t.tokens[first + k] wrote t.ends[k]
             end = start + len(text)
             k = bisect.bisect_left(t.ends, start)
             while k < len(t.ends) and (t.ends[k - 1] if k else 0) < end:
@@ -667,8 +667,8 @@ class Interpreter:
                     if last == (tid, k):
                         out[-1]["text"] += shown
                     else:
-                        token, info = t.marks[k]
-                        out.append({"text": shown, "id": token, "logprob": info[0] if info else None,
+                        info = t.infos.get(k)
+                        out.append({"text": shown, "id": t.tokens[first + k], "logprob": info[0] if info else None,
                                     "top": list(info[1]) if info else [], "thread": tid})
                         last = (tid, k)
                 k += 1

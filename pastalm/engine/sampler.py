@@ -40,5 +40,7 @@ def token_info(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tu
     """The chosen token's log-probability and the k most likely tokens with theirs, under the model's own
     distribution (before temperature and top_p, as vLLM reports them by default)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(lp, k) if k else None
-    return float(lp[token]), ([(int(i), float(v)) for v, i in zip(top.values, top.indices)] if k else [])
+    if not k:
+        return float(lp[token]), []
+    top = torch.topk(lp, k)
+    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))

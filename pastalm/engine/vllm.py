@@ -150,8 +150,8 @@ class VllmRunner:
             stop_token_ids=sorted(interp.stop_ids),
             ignore_eos=True,  # the interpreter's stop ids decide (a benchmark may have none)
             detokenize=False,
-            logprobs=max(5 if req.logits is not None else 0, cfg.logprobs or 0) if (
-                req.logits is not None or cfg.logprobs is not None) else None,
+            logprobs=max(asked) if (asked := [k for k in (5 if req.logits is not None else None, cfg.logprobs)
+                                              if k is not None]) else None,
             output_kind=RequestOutputKind.DELTA,
         )
         rid = f"pasta-{next(self.engine._ids)}"
@@ -227,10 +227,9 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
               seed: int = 0, extra: dict | None = None) -> VllmEngine:
     """A `VllmEngine` on the model folder `models.prepare` makes (the GGUF converted and the adapter merged once,
     cached): vLLM loads plain HF folders, so no LoRA support is needed. vLLM's own parallelism passes through."""
-    if adapter in (None, "auto") and model is None:  # the shipped adapter of the layout vLLM runs
-        from ..models import auto_adapter
+    from ..models import auto_adapter
 
-        adapter = auto_adapter(None, "vllm")
+    adapter = auto_adapter(adapter, model, None, "vllm")  # 'auto': the shipped adapter of the layout vLLM runs
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: lower latency
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up chatter is not for pastalm's users
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")

@@ -627,22 +627,30 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             completions `{tokens, token_logprobs, top_logprobs, text_offset}`."""
             if entries is None:
                 return None
+            def tok(text: str, logprob: float | None) -> dict:
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
             dec = engine.tokenizer.decode
             if chat:
-                return {"content": [{"token": e["text"], "logprob": e["logprob"], "bytes": list(e["text"].encode()),
-                                     "top_logprobs": [{"token": dec([i]), "logprob": v, "bytes": list(dec([i]).encode())}
-                                                      for i, v in e["top"]]} for e in entries], "refusal": None}
+                return {"content": [{**tok(e["text"], e["logprob"]),
+                                     "top_logprobs": [tok(dec([i]), v) for i, v in e["top"]]} for e in entries],
+                        "refusal": None}
             return {"tokens": [e["text"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                     "top_logprobs": [{dec([i]): v for i, v in e["top"]} for e in entries],
                     "text_offset": [e["offset"] for e in entries]}
 
-        def text_part(text: str, first: bool = False, entries: list[dict] | None = None) -> dict:
-            if chat:
+        def text_part(text: str, first: bool = False, entries: list[dict] | None = None, whole: bool = False) -> dict:
+            """A choice's text: chat's `message` (`whole`) or `delta`, a completion's `text`; with its logprobs
+            (completions always carry the key, chat only when asked)."""
+            if not chat:
+                return {"text": text, "logprobs": lp_part(entries)}
+            if whole:
+                part = {"message": {"role": "assistant", "content": text}}
+            else:
                 part = {"delta": {"role": "assistant", "content": ""} if first else {"content": text}}
-                if want_lp:
-                    part["logprobs"] = lp_part(entries)
-                return part
-            return {"text": text, "logprobs": lp_part(entries)}
+            if want_lp:
+                part["logprobs"] = lp_part(entries)
+            return part
 
         if body.stream:
             obj = "chat.completion.chunk" if chat else "text_completion"
@@ -666,13 +674,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         parts = []
         for c in choices:
             content = c.result.raw if body.raw else c.text
-            entries = c.sendable(final=True) if want_lp else None
-            if chat:
-                part = {"message": {"role": "assistant", "content": content}}
-                if want_lp:
-                    part["logprobs"] = lp_part(entries)
-            else:
-                part = text_part(content, entries=entries)
+            part = text_part(content, entries=c.sendable(final=True) if want_lp else None, whole=True)
             parts.append({"index": c.job.index, **part, "finish_reason": _finish_reason(c)})
         return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
                         body.n)

@@ -516,12 +516,14 @@ def serve(args) -> int:
     import uvicorn
 
     from .serve.app import ServeConfig, create_app
+    from .serve.scheduler import ComputeThread
 
     api_key = args.api_key or os.environ.get("PASTA_API_KEY") or None
     defaults = _decoding_config(args)
     settings = _model_settings(args)
     settings.check_layout(defaults.layout)
-    engine = settings.engine(layout=defaults.layout)
+    compute = ComputeThread()  # loads the engine and then steps it: one thread does all tensor work
+    engine = compute.call(settings.engine, layout=defaults.layout)
     cfg = ServeConfig(model_id=args.served_name or engine.name, defaults=defaults, system=args.system,
                       max_running=args.max_running, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                       max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key)
@@ -535,7 +537,7 @@ def serve(args) -> int:
     # one line a supervisor (or a test) can read; it never shows the key
     print(json.dumps({"serving": cfg.model_id, "url": f"http://{host}:{port}/v1", "api_key": bool(api_key)}),
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), log_level=args.log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg, compute), log_level=args.log_level, lifespan="on"))
     server.run(sockets=[sock])
     return 0
 

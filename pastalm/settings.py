@@ -136,6 +136,9 @@ class ModelSettings:
                        "`scripts/setup.sh --vllm`; linear layout only)", choices=BACKENDS)
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per model replica (tensor parallelism)", type=positive_int)
     data_parallel_size: int = opt(1, "vLLM: model replicas (data parallelism)", type=positive_int)
+    vllm_compile: bool = opt(True, "vLLM: compile the model (torch.compile, vLLM's default): on this CPU its steps are "
+                             "about 30%% faster, the first start compiles for about a minute and later ones load the "
+                             "compiled code in about 12 s; --no-vllm-compile starts in about 2 s", action="bool")
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -161,7 +164,7 @@ class ModelSettings:
             from .engine.vllm import load_vllm
 
             return load_vllm(self.model, self.dtype, adapter, tensor_parallel_size=self.tensor_parallel_size,
-                             data_parallel_size=self.data_parallel_size)
+                             data_parallel_size=self.data_parallel_size, compile=self.vllm_compile)
         from .engine import Engine
         from .models import load
 

@@ -298,3 +298,48 @@ def test_long_prompts_are_fed_one_at_a_time(model, tokenizer, monkeypatch):
     while b.active and not (a.done and c.done):
         b.step()
     assert a.result.token_ids == alone[0].token_ids and c.result.token_ids == alone[1].token_ids
+
+
+def test_the_serving_loop_steps_on_the_thread_that_loaded_the_engine(model, tokenizer):
+    """`pasta serve` loads its engine on a `ComputeThread` and runs the serving loop there: every runner step happens
+    on that thread (not the caller's), and the served answer is the one `generate` gives."""
+    import asyncio
+    import threading
+
+    from pastalm.serve.scheduler import ComputeThread, Job, Scheduler
+
+    compute, loaded_on = ComputeThread(), []
+
+    def load():
+        loaded_on.append(threading.get_ident())
+        return Engine(model, tokenizer, "tiny")
+
+    engine = compute.call(load)
+    with pytest.raises(ZeroDivisionError):  # a failure on the thread is raised to the caller
+        compute.call(lambda: 1 / 0)
+    sched = Scheduler(engine, compute=compute)
+    stepped_on, step = set(), sched.batcher.runner.step
+
+    def recording(work):
+        stepped_on.add(threading.get_ident())
+        return step(work)
+
+    sched.batcher.runner.step = recording
+    ids, cfg = chat_prompt(tokenizer, "Give me some tips."), GenerateConfig(max_new_tokens=30)
+
+    async def serve_one():
+        job = Job(ids, cfg, asyncio.get_running_loop())
+        sched.submit(job)
+        while True:
+            _, kind, payload = await asyncio.wait_for(job.queue.get(), 60)
+            if kind == "done":
+                return payload
+            assert kind != "error", payload
+
+    sched.start()
+    try:
+        served = asyncio.run(serve_one())
+    finally:
+        sched.stop()
+    assert stepped_on == {loaded_on[0]} and loaded_on[0] != threading.get_ident()
+    assert served.text == engine.generate(ids, cfg).text and served.tokens > 0

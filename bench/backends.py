@@ -163,9 +163,9 @@ def main(argv=None) -> None:
         doc = args.doc.read_text()
         mach = summary["machine"]
         where = f"{mach['processor']} ({mach['threads']} torch threads), torch {mach['torch']}"
-        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `.venv-vllm/bin/python bench/backends.py "
-                 f"--per-category {args.per_category} --reps {args.reps} --max-new-tokens {args.max_new_tokens} "
-                 f"--dtype {args.dtype}`, {len(prompts)} parallelizable eval prompts.\n\n{text}\n{END}")
+        cmd = " ".join(a for a in sys.argv[1:] if not a.startswith("--doc") and a != str(args.doc))
+        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `.venv-vllm/bin/python bench/backends.py {cmd}`, "
+                 f"{len(prompts)} parallelizable eval prompts.\n\n{text}\n{END}")
         if BEGIN in doc:
             doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
         else:

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt; '-' reads it from stdin")
     add_flags(g, PromptSettings, only=["prompts"], helps={"prompts": "answer many prompts: 'train', 'eval' or a "
                                                           "JSONL file with a 'prompt' field (or one per line)"})
-    _modelflags(g)
+    _modelflags(g, defaults={"vllm_compile": False}, helps={
+        "vllm_compile": "vLLM: compile the model (off here: the compiled model takes ~12 s more to load, which one "
+                        "answer does not win back; worth it for --prompts with many prompts, and on by default for "
+                        "serve and eval)"})
     g.add_argument("--force", type=Path, help="replay the annotated answer in this file instead of sampling")
     g.add_argument("--raw", action="store_true", help="print the annotated (serialized) form")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

@@ -163,7 +163,8 @@ def test_every_flag_is_declared_once_and_shared_flags_agree():
     own_defaults = {("answers", "max_new_tokens"), ("train sft", "layout"), ("train prefer", "layout"),
                     ("train prefer", "max_new_tokens"), ("train prefer", "temperature"),
                     ("train prefer", "top_p"), ("answers", "adapter"), ("train sft", "reserve_scale"),
-                    ("answers", "prompts"), ("eval", "prompts"), ("train prefer", "prompts")}
+                    ("answers", "prompts"), ("eval", "prompts"), ("train prefer", "prompts"),
+                    ("generate", "vllm_compile")}
     seen: dict[str, tuple] = {}
     for name, sub in _subparsers(cli.build_parser()):
         for a in sub._actions:
@@ -176,6 +177,10 @@ def test_every_flag_is_declared_once_and_shared_flags_agree():
     for f in ("max_new_tokens", "temperature", "layout", "reserve_scale", "max_threads"):  # one source of defaults
         assert seen[f][0] == getattr(GenerateConfig(), f)
     assert seen["backend"][0] == "hf" and seen["model"][0] is None
+    # vLLM compiles for the long-running commands, not for one answer (docs/serving.md, "Throughput on a CPU")
+    compile_default = {name: a.default for name, sub in _subparsers(cli.build_parser()) for a in sub._actions
+                       if a.dest == "vllm_compile"}
+    assert compile_default == {"generate": False, "eval": True, "serve": True}, compile_default
 
 
 @pytest.mark.parametrize("extra, message", [

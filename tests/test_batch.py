@@ -343,3 +343,10 @@ def test_the_serving_loop_steps_on_the_thread_that_loaded_the_engine(model, toke
         sched.stop()
     assert stepped_on == {loaded_on[0]} and loaded_on[0] != threading.get_ident()
     assert served.text == engine.generate(ids, cfg).text and served.tokens > 0
+    compute.close()
+    compute.thread.join(10)
+    own = Scheduler(engine)  # without a compute thread: a thread of its own, ended by stop()
+    own.start()
+    own.stop()
+    own.own_compute.thread.join(10)
+    assert not compute.thread.is_alive() and not own.own_compute.thread.is_alive()

@@ -82,9 +82,13 @@ class ComputeThread:
         """Run `fn` on the thread and return its result (or raise its exception) here."""
         return self.submit(fn, *args, **kwargs).result()
 
+    def close(self) -> None:
+        """End the thread once what was submitted before has run."""
+        self._jobs.put(None)
+
     def _work(self) -> None:
-        while True:
-            future, fn, args, kwargs = self._jobs.get()
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args, **kwargs))
@@ -110,10 +114,13 @@ class Scheduler:
         self.stopping = False
         self.in_flight = 0  # submitted and not yet answered
         self.compute = compute
+        self.own_compute: ComputeThread | None = None  # the thread started for the loop when none was given
         self.running: Future | None = None  # the loop, once started
 
     def start(self) -> None:
-        compute = self.compute if self.compute is not None else ComputeThread()
+        compute = self.compute
+        if compute is None:
+            compute = self.own_compute = ComputeThread()
         self.running = compute.submit(self._run)
 
     def stop(self) -> None:
@@ -125,6 +132,8 @@ class Scheduler:
                 self.running.result(timeout=10)
             except Exception:  # noqa: BLE001 - a loop that does not end in time (or failed) is left to its daemon thread
                 pass
+        if self.own_compute is not None:
+            self.own_compute.close()
 
     # -- called from the HTTP side ----------------------------------------------------------------------------
 

@@ -137,8 +137,9 @@ class ModelSettings:
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per model replica (tensor parallelism)", type=positive_int)
     data_parallel_size: int = opt(1, "vLLM: model replicas (data parallelism)", type=positive_int)
     vllm_compile: bool = opt(True, "vLLM: compile the model (torch.compile, vLLM's default): on this CPU its steps are "
-                             "about 30%% faster, the first start compiles for about a minute and later ones load the "
-                             "compiled code in about 12 s; --no-vllm-compile starts in about 2 s", action="bool")
+                             "25-30%% faster; the first start on a machine compiles for about a minute, later ones "
+                             "load the compiled code, and the engine is ready about 11 s later than eager",
+                             action="bool")
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

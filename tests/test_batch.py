@@ -350,3 +350,25 @@ def test_the_serving_loop_steps_on_the_thread_that_loaded_the_engine(model, toke
     own.stop()
     own.own_compute.thread.join(10)
     assert not compute.thread.is_alive() and not own.own_compute.thread.is_alive()
+
+
+def test_a_serving_loop_that_dies_says_why(model, tokenizer, capsys):
+    """The serving loop runs as a job of its compute thread; if it ends on an exception (a step's own are caught
+    inside it), the traceback is printed, as an uncaught exception in a thread would be, not kept in a future."""
+    import time
+
+    from pastalm.serve.scheduler import Scheduler
+
+    sched = Scheduler(Engine(model, tokenizer, "tiny"))
+
+    def broken():
+        raise RuntimeError("the loop broke")
+
+    sched._run = broken
+    sched.start()
+    for _ in range(100):
+        if sched.running.done():
+            break
+        time.sleep(0.05)
+    sched.stop()
+    assert "RuntimeError: the loop broke" in capsys.readouterr().err

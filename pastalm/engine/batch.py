@@ -160,7 +160,7 @@ class Batcher:
                     interp.write(0, token)
         if req.on_tokens is not None:  # one pass over the answer for both: the entries' texts join to the text
             entries = interp.token_logprobs()
-            text = "".join(e["text"] for e in entries)
+            text = "".join(e["text"] for e in entries) if req.on_text is not None else None
             # the last token shown may still grow: it goes out with the next one
             req.tokens_sent = _stream(entries[:-1], req.tokens_sent, req.on_tokens)
         else:

@@ -150,8 +150,8 @@ class VllmRunner:
             stop_token_ids=sorted(interp.stop_ids),
             ignore_eos=True,  # the interpreter's stop ids decide (a benchmark may have none)
             detokenize=False,
-            logprobs=max(asked) if (asked := [k for k in (5 if req.logits is not None else None, cfg.logprobs)
-                                              if k is not None]) else None,
+            logprobs=max((k for k in (5 if req.logits is not None else None, cfg.logprobs) if k is not None),
+                         default=None),
             output_kind=RequestOutputKind.DELTA,
         )
         rid = f"pasta-{next(self.engine._ids)}"

@@ -66,7 +66,8 @@ class Job:
 class ComputeThread:
     """One daemon thread that runs the functions given to `submit`, in order: `pasta serve` loads its engine with
     it and then runs the scheduler's loop on it, so the thread that set up the engine's tensors also steps them
-    (see the module docstring)."""
+    (see the module docstring). Not a one-worker `ThreadPoolExecutor`: interpreter exit waits for its worker, so
+    Ctrl-C during a minute-long vLLM compile, or a step that never returns, would hold the process."""
 
     def __init__(self, name: str = "pasta-scheduler"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -96,6 +97,12 @@ class ComputeThread:
                     future.set_exception(e)
 
 
+def _report(loop: Future) -> None:
+    """A serving loop that ended on an exception (it catches those of a step) prints it, as a thread would."""
+    if not loop.cancelled() and loop.exception() is not None:
+        traceback.print_exception(loop.exception())
+
+
 class Scheduler:
     """Continuous batching of requests on one engine, in a background thread (the `compute` thread when given: the
     one that loaded the engine)."""
@@ -122,6 +129,7 @@ class Scheduler:
         if compute is None:
             compute = self.own_compute = ComputeThread()
         self.running = compute.submit(self._run)
+        self.running.add_done_callback(_report)
 
     def stop(self) -> None:
         with self.cond:
@@ -130,8 +138,8 @@ class Scheduler:
         if self.running is not None:
             try:
                 self.running.result(timeout=10)
-            except Exception:  # noqa: BLE001 - a loop that does not end in time (or failed) is left to its daemon thread
-                pass
+            except Exception:  # noqa: BLE001 - a failed loop was reported when it ended; one that does not end in
+                pass  # time is left to its daemon thread
         if self.own_compute is not None:
             self.own_compute.close()
 

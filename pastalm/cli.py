@@ -6,6 +6,7 @@
   pasta train sft            fine-tune on annotated answers (LoRA by default), or the sequential baseline
   pasta eval                 sequential vs PASTA vs Skeleton-of-Thought: speed, quality, reports and a plot
   pasta serve                an OpenAI-compatible HTTP server with continuous batching across requests
+  pasta cache                the converted model folders kept between runs: list, prune or clear them
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parsers(sub)
     _eval_parser(sub)
     _serve_parser(sub)
+    c = sub.add_parser("cache", help="list (or clear) the converted model folders pastalm keeps")
+    c.add_argument("--clear", action="store_true", help="delete them all (each is converted again when next used)")
+    c.add_argument("--prune", action="store_true", help="delete the least recently used ones past PASTA_CACHE_MAX_GB")
     return p
 
 
@@ -545,6 +549,24 @@ def serve(args) -> int:
     return 0
 
 
+def cache(args) -> int:
+    from .models import cache_entries, cache_limit, cache_root, prune_cache
+
+    if args.clear or args.prune:
+        for e in prune_cache(0 if args.clear else cache_limit()):
+            print(f"removed {e.folder} ({e.size / 2**20:.0f} MB)")
+    entries = cache_entries()
+    limit = cache_limit()
+    print(f"{cache_root() / 'models'}: {len(entries)} converted model folders, "
+          f"{sum(e.size for e in entries) / 2**30:.2f} GB "
+          f"(limit {'none' if limit is None else f'{limit / 2**30:.2f} GB'}: PASTA_CACHE_MAX_GB), "
+          "least recently used first")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"  {used}  {e.size / 2**20:8.0f} MB  {e.folder.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here by default; HF_HUB_OFFLINE=0 opts back in
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -554,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"generate": generate, "answers": answers, "annotate": annotate, "train": train,
-                    "eval": evaluate, "serve": serve}
+                    "eval": evaluate, "serve": serve, "cache": cache}
         return commands[args.command](args)
     except (ModelError, ValueError, TeacherError) as e:
         print(f"pasta: error: {e}", file=sys.stderr)

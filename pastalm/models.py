@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +145,100 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pastalm"
 
 
-def _fingerprint(path: Path) -> str:
+CACHE_LIMIT_GB = 6.0  # default cap on the converted folders kept (about ten of the bundled model's 517 MB)
+
+
+def cache_limit() -> int | None:
+    """$PASTA_CACHE_MAX_GB (default 6) in bytes: converted folders are pruned, least recently used first, to stay
+    under it; 0 keeps everything."""
+    raw = os.environ.get("PASTA_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(raw) if raw else CACHE_LIMIT_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:  # also catches nan
+        raise ModelError(f"PASTA_CACHE_MAX_GB='{raw}' is not a size in GB; give a number such as 6, or 0 for no limit")
+    return int(gb * 2**30) or None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes (memoized on its path, size and mtime: a GGUF hashes in about 0.1 s)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest(path: Path) -> str:
     st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _source_key(where: str, gguf: str | None) -> str:
+    """What the converted folder is made from, by content, not by path: the same GGUF or model folder found at
+    another path (a second virtual environment, a fresh clone) maps to the same cached folder."""
+    if gguf:
+        return f"gguf:{_digest(Path(where) / gguf)}"
+    folder = Path(where)
+    if not folder.is_dir():
+        return f"hub:{where}"  # a hub id: the hub's cache keeps its own revisions
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in
+                                                                     (".safetensors", ".bin")))
+    return "folder:" + ",".join(f"{p.name}={_digest(p)}" for p in files)
+
+
+@dataclass
+class CacheEntry:
+    folder: Path
+    name: str
+    size: int
+    last_used: float  # seconds since the epoch
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The converted folders in the cache, least recently used first (the mtime of each pasta-source.json, which
+    `prepare` touches at every use)."""
+    import json
+
+    root = cache_root() / "models"
+    out = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        meta = folder / "pasta-source.json"
+        if not meta.is_file():
+            continue
+        try:
+            name = json.loads(meta.read_text()).get("name", folder.name)
+        except (OSError, ValueError):
+            name = folder.name
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        out.append(CacheEntry(folder, name, size, meta.stat().st_mtime))
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def prune_cache(limit: int | None, keep: Path | None = None) -> list[CacheEntry]:
+    """Delete converted folders, least recently used first, until the rest fit in `limit` bytes (None: no limit);
+    `keep` (the folder just made or used) is never deleted. Also clears conversions interrupted over an hour ago.
+    Returns what was deleted."""
+    import shutil
+    import time
+
+    root = cache_root() / "models"
+    for tmp in root.glob(".tmp-*") if root.is_dir() else []:
+        if time.time() - tmp.stat().st_mtime > 3600:
+            shutil.rmtree(tmp, ignore_errors=True)
+    entries = cache_entries()
+    total = sum(e.size for e in entries)
+    removed = []
+    for e in entries:
+        if limit is None or total <= limit:
+            break
+        if keep is not None and e.folder.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(e.folder, ignore_errors=True)
+        total -= e.size
+        removed.append(e)
+    return removed
 
 
 def prepare(model: str | None = None, adapter: str | None = "none",
@@ -155,7 +248,9 @@ def prepare(model: str | None = None, adapter: str | None = "none",
     A GGUF file (the bundled model included) or any model with a LoRA adapter is converted once into a cached
     folder (float32 safetensors with the adapter merged, config, generation config and tokenizer), which both
     backends load directly: the GGUF is not dequantized again and peft is not imported. The cache key is the
-    source file's path, size and mtime plus the adapter weights' digest, so a changed file converts again. With
+    content of the source (the GGUF, or the model folder's config and weights) and of the adapter (its weights and
+    config), so a changed file converts again and the same files found at another path do not. After a conversion
+    the cache is pruned to $PASTA_CACHE_MAX_GB, least recently used first (`pasta cache` lists and clears it). With
     `convert=False`, a source not converted yet is returned as it is."""
     where, gguf, name = resolve(model)
     where_adapter = resolve_adapter(adapter, model)
@@ -165,15 +260,29 @@ def prepare(model: str | None = None, adapter: str | None = "none",
         return where, name, None
     import hashlib
 
-    src = Path(where) / gguf if gguf else Path(where) / "config.json" if Path(where).is_dir() else None
-    key = [_fingerprint(src) if src is not None else where]
+    key = [_source_key(where, gguf)]
     if where_adapter is not None:
-        key.append(adapter_digest(where_adapter))
-    folder = cache_root() / "models" / f"{name}-{hashlib.sha256('|'.join(key).encode()).hexdigest()[:16]}"
-    if not (folder / "pasta-source.json").is_file():
+        key += [f"adapter:{adapter_digest(where_adapter)}", f"config:{_digest(where_adapter / 'adapter_config.json')}"]
+    digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
+    root = cache_root() / "models"
+    # the same content under another name (a copied folder) is the same conversion: the digest decides
+    folder = next((f for f in root.glob(f"*-{digest}") if (f / "pasta-source.json").is_file()), None) \
+        if root.is_dir() else None
+    folder = folder or root / f"{name}-{digest}"
+    meta = folder / "pasta-source.json"
+    if meta.is_file():
+        try:
+            os.utime(meta)  # last use, for pruning
+        except OSError:  # a read-only cache still loads
+            pass
+    else:
         if not convert:
             return where, name, where_adapter
+        limit = cache_limit()  # a bad value fails before the conversion's work, not after
         _convert(where, gguf, where_adapter, folder, name, key)
+        for e in prune_cache(limit, keep=folder):
+            print(f"pasta: removed {e.folder.name} ({e.size / 2**20:.0f} MB, least recently used) from the model "
+                  f"cache to stay under PASTA_CACHE_MAX_GB", file=sys.stderr)
     return str(folder), name, where_adapter
 
 
@@ -181,7 +290,6 @@ def _convert(where: str, gguf: str | None, adapter: Path | None, folder: Path, n
     """Load the source in float32 (dequantizing a GGUF), merge the adapter, save it as a HF folder (atomically)."""
     import json
     import shutil
-    import sys
     import tempfile
 
     import torch

@@ -26,6 +26,20 @@ def smol():
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="session")
+def _test_model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("pasta-cache")
+
+
+@pytest.fixture(autouse=True)
+def _model_cache(request, monkeypatch, _test_model_cache):
+    """Fast tests convert their tiny models into a cache of the test session's own, never the user's
+    ~/.cache/pastalm; the slow ones (the bundled model) share the user's cache, as `pasta` itself would."""
+    if "PASTA_CACHE" not in os.environ and not any(request.node.get_closest_marker(m)
+                                                   for m in ("slow", "vllm", "long")):
+        monkeypatch.setenv("PASTA_CACHE", str(_test_model_cache))
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def model(request):
     return tiny_model(request.param)

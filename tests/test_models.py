@@ -68,3 +68,93 @@ def test_the_linear_layout_gets_the_adapter_trained_in_it():
 def test_unknown_adapter_name_says_what_to_give(tmp_path):
     with pytest.raises(ModelError, match="pasta-stage1"):
         resolve_adapter(str(tmp_path / "nope"), None)
+
+
+# --- the cache of converted model folders --------------------------------------------------------------------
+
+
+def _tiny_adapter(path, alpha=8):
+    from peft import LoraConfig, get_peft_model
+
+    from pastalm.testing import tiny_model
+
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    lora.save_pretrained(path)
+    return path
+
+
+def test_the_same_files_at_another_path_share_one_converted_folder(folder, tmp_path, monkeypatch):
+    """The cache is keyed on content: a model folder copied elsewhere (a second venv, a fresh clone) reuses the
+    converted folder, while a changed adapter config converts again. (Keying on paths had filled a disk with 274
+    copies of the same few models.)"""
+    import shutil
+
+    from pastalm.models import cache_entries, prepare
+
+    monkeypatch.setenv("PASTA_CACHE", str(tmp_path / "cache"))
+    copy = shutil.copytree(folder, tmp_path / "elsewhere")
+    adapter = _tiny_adapter(tmp_path / "adapter")
+    first = prepare(str(folder), str(adapter))[0]
+    assert prepare(str(copy), str(adapter))[0] == first
+    moved = shutil.copytree(adapter, tmp_path / "adapter-copy")
+    assert prepare(str(folder), str(moved))[0] == first
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    assert prepare(str(folder), str(moved))[0] != first
+    assert len(cache_entries()) == 2
+
+
+def _fake_entry(root, name, mb, used):
+    import os
+
+    d = root / "models" / name
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"\0" * (mb << 20))
+    (d / "pasta-source.json").write_text(json.dumps({"name": name}))
+    os.utime(d / "pasta-source.json", (used, used))
+    return d
+
+
+def test_prune_deletes_least_recently_used_until_under_the_limit(tmp_path, monkeypatch):
+    import os
+
+    from pastalm.models import cache_entries, prune_cache
+
+    monkeypatch.setenv("PASTA_CACHE", str(tmp_path))
+    old, mid, new = (_fake_entry(tmp_path, n, 2, t) for n, t in (("old", 1000), ("mid", 2000), ("new", 3000)))
+    stale = tmp_path / "models" / ".tmp-interrupted"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    assert [e.folder for e in cache_entries()] == [old, mid, new]
+    assert prune_cache(None) == [] and old.is_dir() and not stale.exists()  # no limit: only the interrupted one
+    removed = prune_cache((4 << 20) + 4096, keep=old)  # 6 MB kept under 4: one goes, and it may not be `old`
+    assert [e.folder for e in removed] == [mid]
+    assert old.is_dir() and new.is_dir() and not mid.exists()
+    assert [e.folder for e in prune_cache(0)] == [old, new] and cache_entries() == []
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_bad_cache_limit_says_what_to_give(value, monkeypatch):
+    from pastalm.models import cache_limit
+
+    monkeypatch.setenv("PASTA_CACHE_MAX_GB", value)
+    with pytest.raises(ModelError, match="PASTA_CACHE_MAX_GB"):
+        cache_limit()
+
+
+def test_cache_command_lists_then_clears(tmp_path, monkeypatch, capsys):
+    from pastalm.cli import main
+
+    monkeypatch.setenv("PASTA_CACHE", str(tmp_path))
+    monkeypatch.setenv("PASTA_CACHE_MAX_GB", "0.003")  # 3 MB
+    for name, t in (("a", 1000), ("b", 2000)):
+        _fake_entry(tmp_path, name, 2, t)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "2 converted model folders" in out and out.index(" a\n") < out.index(" b\n")
+    assert main(["cache", "--prune"]) == 0
+    assert "removed" in capsys.readouterr().out and not (tmp_path / "models" / "a").exists()
+    assert main(["cache", "--clear"]) == 0
+    assert "0 converted model folders" in capsys.readouterr().out

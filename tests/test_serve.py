@@ -283,10 +283,26 @@ def raw_request(url: str, head: str, body_chunks=(), read: bool = True) -> tuple
     """Send a request over a plain socket (headers as given, then the body pieces); return status, headers, body.
     The server may answer and close before the body is all sent: sending then stops."""
     import socket
+    import threading
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=60)
+    received: list[bytes] = []
+
+    def reader():  # reads while the body is sent: a server that answers early and closes resets the connection,
+        while True:  # and the kernel drops whatever answer had not been read by then
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            received.append(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    if read:
+        t.start()
     try:
         sock.sendall(head.replace("{host}", u.netloc).encode())
         for piece in body_chunks:
@@ -294,17 +310,11 @@ def raw_request(url: str, head: str, body_chunks=(), read: bool = True) -> tuple
                 sock.sendall(piece)
             except OSError:  # the server refused and closed
                 break
-        data = b""
-        while read:
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        if read:
+            t.join(60)
     finally:
         sock.close()
+    data = b"".join(received)
     head_b, _, body = data.partition(b"\r\n\r\n")
     lines = head_b.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}

@@ -149,3 +149,46 @@ def test_no_tag_reaches_the_reader_property(smol, annotated, max_new, factor, ma
     written."""
     run(smol, annotated, Limits(max_new_tokens=max_new, async_factor=factor, max_threads=max_threads,
                                 repeat_guard=guards, block_guard=guards), sequential)
+
+
+_WIDE = st.sampled_from([" 🌙", "睡", " ü", "—"])  # characters a byte-level tokenizer splits over several tokens
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_outputs(), st.lists(_WIDE, max_size=3), st.integers(1, 120), st.integers(0, 3), st.booleans(),
+       st.booleans())
+def test_streamed_token_entries_equal_the_whole_list(smol, annotated, wide, max_new, max_threads, sequential, guards):
+    """The batcher streams logprob entries from the first unsent one on (`token_entries(start=...)`), not by
+    rebuilding the whole list every step: after every step, what it sent is the start of `token_logprobs()` built
+    whole, all but at most its last entry, and the end of the request completes it to the whole final list."""
+    from types import SimpleNamespace
+
+    from pastalm.engine.batch import _send_entries
+
+    for w in wide:  # put characters split over tokens at the seams: in main's text and at a block's start
+        annotated = annotated.replace("<async>", "<async>" + w, 1) if "<async>" in annotated else w + annotated
+    texts = thread_texts(annotated, sequential)
+    scripts = [encode_main(smol, texts[0], sequential or len(texts) - 1 > max_threads)] + [
+        smol.encode(t, add_special_tokens=False) for t in texts[1:]]
+    interp = Interpreter(smol, smol.encode("Tips?", add_special_tokens=False), {smol.eos_token_id},
+                         ReservePolicy.for_tokenizer(smol), Limits(max_new_tokens=max_new, max_threads=max_threads,
+                                                                   repeat_guard=guards, block_guard=guards),
+                         sequential, scripts)
+    sent: list[dict] = []
+    req = SimpleNamespace(interp=interp, tokens_sent=0, chars_sent=0, next_entry=None, on_tokens=sent.extend)
+    builds = []
+    entries = interp.token_entries
+    interp.token_entries = lambda *a, **kw: builds.append(1) or entries(*a, **kw)
+
+    def step() -> None:
+        builds.clear()
+        _send_entries(req)
+        assert len(builds) == 1, "the next entry was not found: the whole list was built again"
+        whole = interp.token_logprobs()
+        assert sent == whole[: len(sent)] and len(sent) >= len(whole) - 1
+        assert req.chars_sent == sum(len(e["text"]) for e in sent)
+
+    replay_scripts(interp, step)
+    final = interp.token_logprobs(complete=True)
+    assert final[: len(sent)] == sent
+    assert "".join(e["text"] for e in final) == interp.rendered(complete=True)

@@ -158,15 +158,10 @@ class Batcher:
             if req.scaffold and tid == 0:  # the rest of main's script goes in at once
                 while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
                     interp.write(0, token)
-        if req.on_tokens is not None:  # one pass over the answer for both: the entries' texts join to the text
-            entries = interp.token_logprobs()
-            text = "".join(e["text"] for e in entries) if req.on_text is not None else None
-            # the last token shown may still grow: it goes out with the next one
-            req.tokens_sent = _stream(entries[:-1], req.tokens_sent, req.on_tokens)
-        else:
-            text = interp.rendered() if req.on_text is not None else None
+        if req.on_tokens is not None:
+            _send_entries(req)
         if req.on_text is not None:
-            req.streamed = _stream(text, req.streamed, req.on_text)
+            req.streamed = _stream(interp.rendered(), req.streamed, req.on_text)
 
     def _finish(self, req: Request) -> Request:
         interp = req.interp
@@ -209,6 +204,25 @@ class Batcher:
         if gone or free:
             self.active = [r for r in self.active if not r.done]
             self.runner.release(gone, self.active, free)
+
+
+def _send_entries(req: Request) -> None:
+    """Stream the rendered answer's token entries that are final: all but the last, which may still grow. Only the
+    entries from the first unsent one on are built (`Interpreter.token_entries`); should that one not be found, the
+    whole list is built again and counted instead."""
+    new = req.interp.token_entries(start=req.chars_sent)
+    if req.tokens_sent:
+        keys = [key for key, _ in new]
+        new = new[keys.index(req.next_entry):] if req.next_entry in keys \
+            else req.interp.token_entries()[req.tokens_sent:]
+    if len(new) < 2:
+        req.next_entry = new[0][0] if new else req.next_entry
+        return
+    sent = [entry for _, entry in new[:-1]]
+    req.on_tokens(sent)
+    req.tokens_sent += len(sent)
+    req.chars_sent += sum(len(e["text"]) for e in sent)
+    req.next_entry = new[-1][0]
 
 
 def _stream(items, done: int, send) -> int:

@@ -651,26 +651,37 @@ class Interpreter:
         for a token the model did not choose: a forced or replayed one). The texts join to the rendered answer; a
         token that also wrote a tag shows only its text, and one that wrote only part of a character shows ''
         (the token that completes the character shows it)."""
-        out: list[dict] = []
-        last = None
-        for tid, text, start in self._pieces(complete)[0]:
+        return [entry for _, entry in self.token_entries(complete)]
+
+    def token_entries(self, complete: bool = False, start: int = 0) -> list[tuple[tuple[int, int], dict]]:
+        """`token_logprobs` with each entry's key (thread, index of the token in the thread's text), from the entry
+        at character `start` of the rendered answer on, give or take the entries that end there: a stream that has
+        sent the answer up to `start` finds its next entry by key, at the cost of the new text only, not of the
+        whole answer at every step."""
+        out: list[tuple[tuple[int, int], dict]] = []
+        pos = 0  # characters of the rendered answer before this piece
+        for tid, text, begin in self._pieces(complete)[0]:
+            end = begin + len(text)
+            pos += len(text)
+            if pos < start:  # the piece ends before `start`: all sent
+                continue
             t = self.threads[tid]
             first = t.num_prompt if t.is_main else len(self.open_ids)  # t.tokens[first + k] wrote t.ends[k]
-            end = start + len(text)
-            k = bisect.bisect_left(t.ends, start)
+            # the first token that ends at or after `start` (ends before it were sent whole)
+            k = bisect.bisect_left(t.ends, max(begin, end - (pos - start)))
             while k < len(t.ends) and (t.ends[k - 1] if k else 0) < end:
-                lo, hi = max(start, t.ends[k - 1] if k else 0), min(end, t.ends[k])
+                lo, hi = max(begin, t.ends[k - 1] if k else 0), min(end, t.ends[k])
                 # a token that shows nothing yet (part of a character: the next token completes it) is listed
                 # where it stands, with empty text
-                if hi > lo or (lo == hi == t.ends[k] and start <= lo):
-                    shown = text[lo - start: hi - start]
-                    if last == (tid, k):
-                        out[-1]["text"] += shown
+                if hi > lo or (lo == hi == t.ends[k] and begin <= lo):
+                    shown = text[lo - begin: hi - begin]
+                    if out and out[-1][0] == (tid, k):
+                        out[-1][1]["text"] += shown
                     else:
                         info = t.infos.get(k)
-                        out.append({"text": shown, "id": t.tokens[first + k], "logprob": info[0] if info else None,
-                                    "top": list(info[1]) if info else [], "thread": tid})
-                        last = (tid, k)
+                        out.append(((tid, k), {"text": shown, "id": t.tokens[first + k],
+                                               "logprob": info[0] if info else None,
+                                               "top": list(info[1]) if info else [], "thread": tid}))
                 k += 1
         return out
 

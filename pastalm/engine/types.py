@@ -157,7 +157,9 @@ class Request:
     error: str | None = None  # set when this request failed on its own (the batch goes on without it)
     token_info: dict = field(default_factory=dict)  # config.logprobs: thread -> (logprob, top) of its token now
     on_tokens: object = None  # config.logprobs: called with `token_logprobs` entries as they become final
-    tokens_sent: int = 0
+    tokens_sent: int = 0  # entries sent by on_tokens ...
+    chars_sent: int = 0  # ... the characters of their texts ...
+    next_entry: tuple[int, int] | None = None  # ... and the key of the one held back (`Interpreter.token_entries`)
 
     @property
     def done(self) -> bool:

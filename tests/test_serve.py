@@ -520,3 +520,12 @@ def test_tiny_temperatures_fail_nobody(server):
     assert not errors
     assert results["plain"] == alone and results["tiny_t"] == alone  # a tiny temperature is greedy
     assert results["tiny_p"] == alone  # a tiny top_p keeps only the most likely token
+
+
+def test_a_wrong_method_says_which_are_allowed(server):
+    """405 keeps Starlette's `Allow` header (RFC 9110) under the server's own JSON error."""
+    req = urllib.request.Request(server + "/v1/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 405 and e.value.headers["allow"] == "POST"
+    assert json.loads(e.value.read())["error"]["message"]

@@ -21,7 +21,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -100,7 +100,9 @@ class _Common(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                             "maxItems": 4}, {"type": "null"}]})
     stream: bool = False
     pasta: PastaOptions | None = None
     raw: bool = False
@@ -163,8 +165,15 @@ class _Common(BaseModel):
         return k
 
 
+# What the validators below refuse, stated in the OpenAPI schema too (a client generated from it knows): some
+# message has text, no prompt is blank. JSON Schema's `pattern` searches, so "\\S" reads "holds a non-space".
+_TEXT = {"type": "string", "pattern": r"\S"}
+_SOME_TEXT = {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
+    _TEXT, {"type": "array", "contains": {"type": "object", "required": ["text"], "properties": {"text": _TEXT}}}]}}}
+
+
 class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, json_schema_extra={"contains": _SOME_TEXT})
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("messages")
@@ -178,7 +187,8 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
+        _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_CHOICES}]})
 
     @field_validator("prompt")
     @classmethod
@@ -208,6 +218,28 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """What every error is (OpenAI's shape); documented in the OpenAPI schema for the statuses below."""
+    error: ErrorDetail
+
+
+ERRORS = {400: "invalid request: the message says what to change", 401: "missing or wrong API key",
+          404: "the model asked for is not served here", 413: "the request body is over --max-body-bytes",
+          429: "the queue is full: retry after Retry-After seconds", 500: "internal error",
+          503: "the server is shutting down"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": ERRORS[s]} for s in statuses}
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -418,7 +450,8 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         if exc.status_code == 413:
             message = f"the request body is larger than the limit of {cfg.max_body_bytes} bytes"
         return _error(request, exc.status_code, message, "invalid_request_error",
-                      code="request_too_large" if exc.status_code == 413 else None)
+                      code="request_too_large" if exc.status_code == 413 else None,
+                      headers=exc.headers)  # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -431,11 +464,12 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
     async def health():
         return {"status": "ok", "model": cfg.model_id, **scheduler.state()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def models():
         return {"object": "list", "data": [{"id": cfg.model_id, "object": "model", "created": created,
                                             "owned_by": "pastalm"}]}
@@ -681,7 +715,7 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
                         body.n)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 429, 500, 503))
     async def chat(body: ChatRequest, request: Request):
         from ..models import chat_messages
 
@@ -694,7 +728,7 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         _check_prompt(ids)
         return await _respond(request, body, [ids], config, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 429, 500, 503))
     async def completions(body: CompletionRequest, request: Request):
         config = _config(body, body.max_tokens, chat=False)
         prompts = await run_in_threadpool(lambda: [list(engine.tokenizer.encode(p)) for p in body.prompt])
@@ -702,6 +736,22 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
             _check_prompt(ids)
         return await _respond(request, body, prompts, config, chat=False)
 
+    def openapi() -> dict:
+        """FastAPI's schema, less the 422 it documents for a body that fails validation: this server answers
+        those with 400 and an OpenAI error object, as documented."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -86,6 +86,46 @@ def adapter_digest(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+VOCAB_FILE = "pasta_tokens.json"  # in an adapter folder: the tokens it added to the base model's vocabulary
+
+
+def adapter_tokens(adapter: str | Path | None) -> list[str]:
+    """The tokens an adapter added to its base model's vocabulary (`pasta train sft --tag-tokens`); [] for most."""
+    import json
+
+    f = Path(adapter) / VOCAB_FILE if adapter is not None else None
+    if f is None or not f.is_file():
+        return []
+    return list(json.loads(f.read_text())["added_tokens"])
+
+
+def add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
+    """Add `tokens` to the tokenizer (as plain added tokens, so they decode to their text) and rows for them to the
+    model's input embeddings and, when not tied, its output layer. Each new row starts as the mean of the rows of
+    the tokens its text was cut into before, so the model first reads a tag token about as it read the tag. Adding
+    tokens a tokenizer already has changes nothing. Returns the tokens' ids."""
+    import torch
+
+    if not tokens:
+        return []
+    before = {t: tokenizer.encode(t, add_special_tokens=False) for t in tokens}
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    emb = model.get_input_embeddings()
+    if emb.weight.shape[0] <= max(ids):
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    heads = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not heads[0]:
+        heads.append(out.weight)
+    with torch.no_grad():
+        for t, i in zip(tokens, ids):
+            if before[t] != [i]:  # new: its text used to be cut into before[t]
+                for w in heads:
+                    w[i] = w[before[t]].mean(0)
+    return ids
+
+
 def bundled_folder() -> Path:
     """Folder of the bundled GGUF (found without importing the package, which needs `llm`)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
@@ -263,6 +303,8 @@ def prepare(model: str | None = None, adapter: str | None = "none",
     key = [_source_key(where, gguf)]
     if where_adapter is not None:
         key += [f"adapter:{adapter_digest(where_adapter)}", f"config:{_digest(where_adapter / 'adapter_config.json')}"]
+        if (where_adapter / VOCAB_FILE).is_file():
+            key.append(f"vocab:{_digest(where_adapter / VOCAB_FILE)}")
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
     root = cache_root() / "models"
     # the same content under another name (a copied folder) is the same conversion: the digest decides
@@ -316,6 +358,7 @@ def _convert(where: str, gguf: str | None, adapter: Path | None, folder: Path, n
     if adapter is not None:
         from peft import PeftModel
 
+        add_tokens(lm, tok, adapter_tokens(adapter))  # an adapter that added tokens needs their rows first
         try:
             lm = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:

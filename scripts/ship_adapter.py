@@ -1,7 +1,7 @@
 """Copy a trained adapter into the package (pastalm/adapters/NAME): its config, its weights (cast to bf16 by
-default, half the size; `--fp32` keeps them as trained, so the shipped adapter decodes exactly as the measured one)
-and its training record (`pasta_train.json` from `pasta train sft`, `pasta_prefer.json` from `pasta train prefer`),
-to which it adds a `shipped` entry: the source folder, the dtype, the SHA-256 of the shipped weights and `--note`.
+default, half the size; `--fp32` keeps them as trained, so the shipped adapter decodes exactly as the measured one),
+the tokens it added to the vocabulary (`pasta_tokens.json`, from `--tag-tokens`) and its training record
+(`pasta_train.json` from `pasta train sft`, `pasta_prefer.json` from `pasta train prefer`), to which it adds a `shipped` entry: the source folder, the dtype, the SHA-256 of the shipped weights and `--note`.
 
     python scripts/ship_adapter.py runs/pasta pasta-stage1
     python scripts/ship_adapter.py runs/stage2c/lambda-inf/round-1/adapter pasta --fp32 --note "..."
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pastalm.models import BUNDLED_ADAPTERS, adapter_digest  # noqa: E402
+from pastalm.models import BUNDLED_ADAPTERS, VOCAB_FILE, adapter_digest  # noqa: E402
 
 RECORDS = ("pasta_train.json", "pasta_prefer.json")
 
@@ -39,6 +39,8 @@ def main(src: str, name: str, fp32: bool = False, note: str | None = None) -> No
     dtype = torch.float32 if fp32 else torch.bfloat16
     weights = {k: v.to(dtype).contiguous() for k, v in load_file(str(src_dir / "adapter_model.safetensors")).items()}
     save_file(weights, str(dst / "adapter_model.safetensors"))
+    if (src_dir / VOCAB_FILE).is_file():  # the tokens it added to the vocabulary (--tag-tokens)
+        (dst / VOCAB_FILE).write_text((src_dir / VOCAB_FILE).read_text())
     shipped = {"source": str(src_dir), "dtype": str(dtype).removeprefix("torch."), "sha256": adapter_digest(dst)}
     if note:
         shipped["note"] = note

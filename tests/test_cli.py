@@ -199,3 +199,77 @@ def test_vllm_backend_refusals_are_one_clear_line(folder, extra, message, capsys
     assert main(["generate", "hi", "--model", str(folder), "--backend", "vllm", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_tag_tokens_train_load_and_decode(folder, tmp_path, capsys):
+    """`pasta train sft --tag-tokens`: each tag becomes one vocabulary entry whose rows train with the adapter. The
+    merged model (what both backends load) has the rows and the tokenizer the tokens, gives the PEFT model's logits,
+    and a forced replay of an annotated answer renders it exactly, each promise one token on main's path."""
+    import torch
+    from peft import PeftModel
+
+    from pastalm.engine import Engine, GenerateConfig
+    from pastalm.lang import render
+    from pastalm.lang.tags import TAG_TOKENS
+    from pastalm.models import VOCAB_FILE, add_tokens, load
+    from pastalm.train.annotate import StructuralAnnotator, check
+
+    # v3 promises, their counts rounded up to 10 as `pasta annotate` writes them: the tags the vocabulary has
+    ann = check(StructuralAnnotator(scheme="v3").annotate("", LIST), LIST, tiny_tokenizer(), bucket=10).annotated
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tips {i}?", "annotated": ann}) + "\n" for i in range(4)))
+    out = tmp_path / "adapter"
+    assert main(["train", "sft", str(data), "--output", str(out), "--model", str(folder), "--dtype", "fp32",
+                 "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "0.05", "--tag-tokens"]) == 0
+    assert (out / "adapter_model.safetensors").stat().st_size < 200_000  # LoRA and the new rows, not the embeddings
+    capsys.readouterr()
+    assert json.loads((out / VOCAB_FILE).read_text())["added_tokens"] == TAG_TOKENS
+
+    loaded = load(str(folder), "fp32", str(out))
+    tok, merged = loaded.tokenizer, loaded.model
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in TAG_TOKENS)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) > len(tiny_tokenizer())
+    base = load(str(folder), "fp32", "none")
+    ids = add_tokens(base.model, base.tokenizer, TAG_TOKENS)
+    start = base.model.get_input_embeddings().weight[ids].clone()  # the rows as training began
+    ref = PeftModel.from_pretrained(base.model, str(out)).eval()
+    x = torch.tensor([[1, 5, ids[2], 33, ids[-2], 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged.get_input_embeddings().weight[ids], start)  # trained
+    assert not torch.allclose(merged.get_output_embeddings().weight[ids], start)  # untied: the output rows too
+
+    engine = Engine(merged, tok, loaded.name)
+    r = engine.generate(tok.encode("Tips?", add_special_tokens=False), GenerateConfig(), force=ann)
+    assert r.text == render(ann) and r.threads == ann.count("<async>")
+    assert r.tag_tokens == 3 * ann.count("<async>")  # a promise, <async> and </async>: one token each
+
+    # continuing the adapter keeps its tokens (and their trained rows)
+    more = tmp_path / "more"
+    assert main(["train", "sft", str(data), "--output", str(more), "--model", str(folder), "--dtype", "fp32",
+                 "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-9",
+                 "--init-adapter", str(out)]) == 0
+    again = load(str(folder), "fp32", str(more)).model
+    torch.testing.assert_close(again.get_input_embeddings().weight[ids], merged.get_input_embeddings().weight[ids],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_added_tag_rows_start_as_the_mean_of_their_pieces():
+    """A tied model (tiny Qwen2): one new row each, the mean of the rows of the tokens the tag was cut into, and
+    the output layer stays tied to it."""
+    import torch
+
+    from pastalm.lang.tags import TAG_TOKENS
+    from pastalm.models import add_tokens
+    from pastalm.testing import tiny_model
+
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    pieces = {t: tok.encode(t, add_special_tokens=False) for t in TAG_TOKENS}
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = add_tokens(model, tok, TAG_TOKENS)
+    w = model.get_input_embeddings().weight
+    assert ids == list(range(len(old), len(old) + len(TAG_TOKENS))) and w.shape[0] == len(old) + len(TAG_TOKENS)
+    for t, i in zip(TAG_TOKENS, ids):
+        torch.testing.assert_close(w[i], old[pieces[t]].mean(0))
+    assert model.get_output_embeddings().weight is w
+    assert add_tokens(model, tok, TAG_TOKENS) == ids and model.get_input_embeddings().weight.shape[0] == w.shape[0]

@@ -162,3 +162,41 @@ def test_shipped_adapter_greedy_matches_the_hf_backend():
         cfg = GenerateConfig(layout="linear", max_new_tokens=200)
         a, b = hf.generate(ids, cfg), vl.generate(ids, cfg)
         assert a.threads >= 2 and a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_tag_token_adapter_matches_the_hf_backend(tmp_path):
+    """An adapter that added the tags to the vocabulary (`pasta train sft --tag-tokens`): both backends load the
+    merged folder with the new rows and decode a forced replay to the same tokens, one per tag."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pastalm.engine.vllm import load_vllm
+    from pastalm.lang.tags import TAG_TOKENS
+    from pastalm.models import VOCAB_FILE, add_tokens
+
+    d, adapter = tmp_path / "tiny", tmp_path / "adapter"
+    tiny_model("llama", head_dim=32).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    model, tok = tiny_model("llama", head_dim=32), tiny_tokenizer()
+    ids = add_tokens(model, tok, TAG_TOKENS)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                            trainable_token_indices={"embed_tokens": ids, "lm_head": ids}))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    lora.save_pretrained(adapter, save_embedding_layers=False)
+    (adapter / VOCAB_FILE).write_text(json.dumps({"added_tokens": TAG_TOKENS}))
+    m = load(str(d), "fp32", str(adapter))
+    hf, vl = Engine(m.model, m.tokenizer, m.name), load_vllm(str(d), "fp32", str(adapter))
+    forced = ("List:\n1. " + P.format(10) + "<async>first</async>\n2. " + P.format(20)
+              + "<async>second one</async><sync/> done.")
+    prompt = chat_prompt(hf.tokenizer, "Tell me some things.")
+    cfg = GenerateConfig(layout="linear", max_new_tokens=100)
+    a, b = hf.generate(prompt, cfg, force=forced), vl.generate(prompt, cfg, force=forced)
+    assert a.raw == b.raw == forced and a.token_ids == b.token_ids and a.threads == 2
+    assert a.tag_tokens == 7  # two promises, two <async>, two </async>, one <sync/>
+    free = GenerateConfig(layout="linear", max_new_tokens=40)
+    assert hf.generate(prompt, free).token_ids == vl.generate(prompt, free).token_ids

@@ -19,6 +19,12 @@ _ATTR = r'[ \t]+[A-Za-z_][\w-]*="[^"<>\n]*"'
 PROMISE_RE = re.compile(r"<promise((?:" + _ATTR + r")*)[ \t]*/>")
 _ATTR_RE = re.compile(r'([A-Za-z_][\w-]*)="([^"<>\n]*)"')
 
+# Tags as vocabulary entries (`pasta train sft --tag-tokens`): the promises of annotation v3 with the token counts
+# its annotator writes (10 to 100, in steps of 10; a larger count is still written as plain text), and the other
+# three tags. One token instead of 8 for a promise, 4 for `</async>`, on main's critical path
+# (`bench/promise_length.py`). The text, and so the language, stays the same: only how it is cut into tokens.
+TAG_TOKENS = [f'<promise tokens="{n}"/>' for n in range(10, 101, 10)] + [ASYNC_OPEN, ASYNC_CLOSE, SYNC]
+
 # Longest tag the streaming parser will hold back while waiting for its `>`; a longer one ends there.
 MAX_PROMISE_CHARS = 256
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..lang.layout import IGNORE, ReservePolicy
+from ..lang.tags import TAG_TOKENS
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .data import LayoutCollator, LayoutDataset, build_weighted, weighted_loss
@@ -53,6 +54,8 @@ class SFTConfig:
     skip_truncated: bool = False  # drop answers the base model did not finish (`hit_limit` in the record)
     tag_weight: float = 1.0  # loss weight of predicting a tag token (see data.build_weighted)
     init_adapter: str | None = None  # continue training this adapter instead of starting a new one
+    tag_tokens: bool = False  # add the tags to the vocabulary as one token each (lang.tags.TAG_TOKENS), and train
+    # their embedding rows (and output rows, when not tied) with the adapter
 
 
 def load_examples(path: str, limit: int | None = None, skip_truncated: bool = False) -> list[dict]:
@@ -94,19 +97,44 @@ class LayoutTrainer(Trainer):
 
 def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     """Fine-tune `model` (in place; wrapped with LoRA unless cfg.full) and save the result to cfg.output."""
+    from ..models import VOCAB_FILE, add_tokens, adapter_tokens
+
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    # tokens the adapter continued from added, and the tags when asked: before the data is tokenized
+    added = list(dict.fromkeys(adapter_tokens(cfg.init_adapter) + (TAG_TOKENS if cfg.tag_tokens else [])))
+    if added and cfg.full:
+        raise ValueError("--tag-tokens trains the new rows with a LoRA adapter; it cannot be combined with --full")
+    added_ids = add_tokens(model, tokenizer, added) if added else []
+    if added:  # the Trainer's checkpoints keep the resized embeddings whole, for resuming; peft warns each time
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     eos_id = tokenizer.eos_token_id
     rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)
     if cfg.init_adapter and cfg.full:
         raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
-    if cfg.init_adapter:
+    tied = model.get_output_embeddings() is None or \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    trainable = None if not added_ids else (
+        {"embed_tokens": added_ids} if tied else {"embed_tokens": added_ids, "lm_head": added_ids})
+    if cfg.init_adapter and not trainable:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    elif cfg.init_adapter:  # the adapter's LoRA, and rows for the added tokens (theirs, where it had them)
+        from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        conf = PeftConfig.from_pretrained(cfg.init_adapter)
+        conf.inference_mode, conf.trainable_token_indices = False, trainable
+        model = get_peft_model(model, conf)
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # new rows: as add_tokens began them
+        state.update(load_file(str(Path(cfg.init_adapter) / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model, state)
     elif not cfg.full:
         from peft import LoraConfig, get_peft_model
 
@@ -118,7 +146,8 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
             layers = list(range(n - cfg.lora_top, n))
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
-                                                 layers_to_transform=layers, task_type="CAUSAL_LM"))
+                                                 layers_to_transform=layers, task_type="CAUSAL_LM",
+                                                 trainable_token_indices=trainable))
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     args = TrainingArguments(
@@ -136,8 +165,11 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     result = trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
     seconds = time.perf_counter() - t0
-    model.save_pretrained(str(out))
+    # the added rows are in the adapter (trainable tokens); the rest of the resized embeddings is the base model's
+    model.save_pretrained(str(out), **({"save_embedding_layers": False} if added else {}))
     tokenizer.save_pretrained(str(out))
+    if added:  # what a loader adds to the base model's vocabulary before it applies the adapter
+        (out / VOCAB_FILE).write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     labelled = sum(sum(l != IGNORE for l in s.labels) for s in dataset.layouts)
     summary = {

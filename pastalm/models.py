@@ -437,7 +437,8 @@ def chat_messages(tokenizer, messages: list[dict]) -> list[int]:
 def stop_ids(tokenizer, generation_config=None) -> set[int]:
     """Token ids that end generation: the generation config's and the tokenizer's EOS, and with a ChatML template
     the turn markers `<|im_start|>` and `<|im_end|>`: a model that opens a new turn has ended its own (the v3
-    adapter once wrote `...well-being.<|im_start|>user\nWhat is ...` where `<|im_end|>` belonged)."""
+    adapter once wrote `...well-being.<|im_start|>user\nWhat is ...` where `<|im_end|>` belonged), and
+    `<|endoftext|>` (the tag-token adapter once wrote `17 + 25 = 3<|endoftext|>` and then an unrelated text)."""
     ids: set[int] = set()
     for src in (generation_config, tokenizer):
         eos = getattr(src, "eos_token_id", None) if src is not None else None
@@ -448,8 +449,12 @@ def stop_ids(tokenizer, generation_config=None) -> set[int]:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         vocab = tokenizer.get_vocab()
-        ids.update(vocab[m] for m in CHATML_MARKERS if m in template and m in vocab)
+        markers = [m for m in CHATML_MARKERS if m in template and m in vocab]
+        ids.update(vocab[m] for m in markers)
+        if markers and END_OF_TEXT in vocab:  # the ChatML family's end-of-document token is never answer text
+            ids.add(vocab[END_OF_TEXT])
     return ids
 
 
 CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+END_OF_TEXT = "<|endoftext|>"

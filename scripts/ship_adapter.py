@@ -1,7 +1,8 @@
 """Copy a trained adapter into the package (pastalm/adapters/NAME): its config, its weights (cast to bf16 by
 default, half the size; `--fp32` keeps them as trained, so the shipped adapter decodes exactly as the measured one),
 the tokens it added to the vocabulary (`pasta_tokens.json`, from `--tag-tokens`) and its training record
-(`pasta_train.json` from `pasta train sft`, `pasta_prefer.json` from `pasta train prefer`), to which it adds a `shipped` entry: the source folder, the dtype, the SHA-256 of the shipped weights and `--note`.
+(`pasta_train.json` from `pasta train sft`, `pasta_prefer.json` from `pasta train prefer`), to which it adds a
+`shipped` entry: the source folder, the dtype, the SHA-256 of the shipped weights and `--note`.
 
     python scripts/ship_adapter.py runs/pasta pasta-stage1
     python scripts/ship_adapter.py runs/stage2c/lambda-inf/round-1/adapter pasta --fp32 --note "..."

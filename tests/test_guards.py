@@ -90,13 +90,13 @@ def test_repeat_guard_keys_a_topicless_promise_on_its_lead(tokenizer):
 
 def test_chatml_turn_markers_stop(tokenizer):
     """A model that opens a new ChatML turn has ended its answer: `<|im_start|>` stops like EOS, so the invented
-    next turn never reaches the reader."""
+    next turn never reaches the reader; so does `<|endoftext|>`."""
     from pastalm.models import stop_ids
     from pastalm.testing import tiny_model
 
     ids = stop_ids(tokenizer, tiny_model().generation_config)
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    assert {start, end} <= ids
+    start, end, eot = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    assert {start, end, eot} <= ids  # and the end-of-document token: never answer text either
     script = tokenizer.encode("Keep a fixed schedule.", add_special_tokens=False) + [start] + \
         tokenizer.encode("user\nWhat next?", add_special_tokens=False)
     interp = Interpreter(tokenizer, tokenizer.encode("Tips?", add_special_tokens=False), ids,

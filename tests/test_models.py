@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from pastalm.models import BUNDLED_ADAPTERS, ModelError, adapter_digest, resolve_adapter
+from pastalm.models import BUNDLED_ADAPTERS, ModelError, adapter_digest, adapter_tokens, resolve_adapter
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_ADAPTERS))
@@ -14,6 +14,10 @@ def test_shipped_adapter_is_complete(name):
     assert resolve_adapter(name, None) == folder
     cfg = json.loads((folder / "adapter_config.json").read_text())
     weights = load_file(str(folder / "adapter_model.safetensors"))
+    # rows for the tokens it added to the vocabulary (pasta train sft --tag-tokens), one per token
+    added = {k: weights.pop(k) for k in list(weights) if "trainable_tokens_delta" in k}
+    assert all(v.shape[0] == len(adapter_tokens(folder)) for v in added.values())
+    assert bool(added) == bool(adapter_tokens(folder)) == bool(cfg.get("trainable_token_indices"))
     # every LoRA module of the config has its A and B matrices, with the config's rank
     assert weights and all(min(v.shape) == cfg["r"] for v in weights.values())
     assert {k.replace("lora_A", "lora_B") for k in weights if "lora_A" in k} == {k for k in weights if "lora_B" in k}
@@ -44,16 +48,19 @@ def test_default_pasta_adapter_is_the_v3_stage2_adapter():
 
 
 def test_the_linear_layout_gets_the_adapter_trained_in_it():
-    """'pasta-linear' was trained in the linear layout (SFT and stage 2); 'auto' means it wherever the linear
-    layout is decoded (asked for, or the vLLM backend's default), and 'pasta' elsewhere."""
+    """'pasta-linear' was trained in the linear layout, with the tags as tokens of their own (continuing the v4
+    adapter: SFT and stage 2 in that layout); 'auto' means it wherever the linear layout is decoded (asked for, or
+    the vLLM backend's default), and 'pasta' elsewhere."""
+    from pastalm.lang.tags import TAG_TOKENS
     from pastalm.models import auto_adapter
     from pastalm.settings import ModelSettings
 
     folder = BUNDLED_ADAPTERS["pasta-linear"]
-    rec = json.loads((folder / "pasta_prefer.json").read_text())
-    assert rec["config"]["layout"] == "linear" and rec["round"]["lambda"] == "inf"
+    rec = json.loads((folder / "pasta_train.json").read_text())
+    assert rec["config"]["layout"] == "linear" and rec["config"]["tag_tokens"]
+    assert rec["config"]["init_adapter"].endswith("smollm2-135m-pasta-linear")
     assert rec["shipped"]["sha256"] == adapter_digest(folder)
-    assert rec["config"]["from_adapter"].endswith("v4-sft")
+    assert adapter_tokens(folder) == TAG_TOKENS
     assert (auto_adapter("auto", None, "linear") == auto_adapter(None, None, None, "vllm")
             == auto_adapter("auto", None, "linear", "vllm") == "pasta-linear")
     assert auto_adapter("auto", None) == auto_adapter("auto", None, "reserve") == "pasta"

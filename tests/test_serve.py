@@ -529,3 +529,12 @@ def test_a_wrong_method_says_which_are_allowed(server):
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 405 and e.value.headers["allow"] == "POST"
     assert json.loads(e.value.read())["error"]["message"]
+
+
+def test_blank_is_ascii_whitespace_as_the_schema_says(server):
+    """A prompt of control characters that Python calls space but JSON Schema does not ("\\x1e") is text, as the
+    OpenAPI schema states; one of ASCII blanks is refused with 400."""
+    c = client(server)
+    assert ask(c, "\x1e\x1e", max_tokens=2).choices
+    r = http("POST", server + "/v1/completions", {"model": "tiny", "prompt": " \t\n"})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import secrets
 import time
 import uuid
@@ -166,8 +167,11 @@ class _Common(BaseModel):
 
 
 # What the validators below refuse, stated in the OpenAPI schema too (a client generated from it knows): some
-# message has text, no prompt is blank. JSON Schema's `pattern` searches, so "\\S" reads "holds a non-space".
-_TEXT = {"type": "string", "pattern": r"\S"}
+# message has text, no prompt is blank. "Blank" is ASCII whitespace only, spelled out: regex engines disagree on
+# `\s` (Python counts "\x1c"-"\x1f" as space, JSON Schema's ECMA regex does not; schemathesis found "\x1e\x1e"
+# accepted by the schema and refused here). JSON Schema's `pattern` searches: "holds a non-blank character".
+_NONBLANK = r"[^ \t\n\r\f\v]"
+_TEXT = {"type": "string", "pattern": _NONBLANK}
 _SOME_TEXT = {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
     _TEXT, {"type": "array", "contains": {"type": "object", "required": ["text"], "properties": {"text": _TEXT}}}]}}}
 
@@ -181,7 +185,7 @@ class ChatRequest(_Common):
     def _has_content(cls, v: list[Message]) -> list[Message]:
         for i, m in enumerate(v):
             _utf8(m.text(), f"messages[{i}].content")
-        if not any(m.text().strip() for m in v):
+        if not any(re.search(_NONBLANK, m.text()) for m in v):
             raise ValueError("every message is empty; give some text")
         return v
 
@@ -200,7 +204,7 @@ class CompletionRequest(_Common):
             raise ValueError(f"give at most {MAX_CHOICES} prompts in one request")
         for i, p in enumerate(prompts):
             _utf8(p, "the prompt" if isinstance(v, str) else f"prompt[{i}]")
-            if not p.strip():
+            if not re.search(_NONBLANK, p):
                 raise ValueError("the prompt is empty; give some text" if isinstance(v, str)
                                  else f"prompt[{i}] is empty; give some text")
         return prompts

@@ -77,13 +77,7 @@ def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
 def adapter_digest(folder: str | Path) -> str:
     """SHA-256 of an adapter folder's weights file: which weights a name or path meant at the time (recorded by
     `pasta train prefer` for its --from, and by scripts/ship_adapter.py for what it shipped)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return _digest(Path(folder) / "adapter_model.safetensors")
 
 
 VOCAB_FILE = "pasta_tokens.json"  # in an adapter folder: the tokens it added to the base model's vocabulary
@@ -99,6 +93,38 @@ def adapter_tokens(adapter: str | Path | None) -> list[str]:
     return list(json.loads(f.read_text())["added_tokens"])
 
 
+def _tied(model) -> bool:
+    """Whether the output layer is the input embedding (SmolLM2, Qwen2): one row per token serves both."""
+    out = model.get_output_embeddings()
+    return out is None or out.weight is model.get_input_embeddings().weight
+
+
+def token_rows(model, ids: list[int]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for rows `ids`: the embedding's, and the output layer's when not tied."""
+    if not ids:
+        return None
+    return {"embed_tokens": ids} if _tied(model) else {"embed_tokens": ids, "lm_head": ids}
+
+
+def load_adapter(model, tokenizer, folder: str | Path, trainable: bool = False):
+    """`model` with the PEFT adapter in `folder`, after adding the tokens it added to the vocabulary (their rows
+    are in the adapter)."""
+    from peft import PeftModel
+
+    add_tokens(model, tokenizer, adapter_tokens(folder))
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+
+
+def save_adapter(model, folder: str | Path, added: list[str]) -> None:
+    """Save a PEFT model's adapter, and the tokens it added (`VOCAB_FILE`) for the loaders. The added rows are in
+    the adapter (peft trainable tokens); the rest of the resized embeddings is the base model's, so not saved."""
+    import json
+
+    model.save_pretrained(str(folder), **({"save_embedding_layers": False} if added else {}))
+    if added:
+        (Path(folder) / VOCAB_FILE).write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
+
+
 def add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     """Add `tokens` to the tokenizer (as plain added tokens, so they decode to their text) and rows for them to the
     model's input embeddings and, when not tied, its output layer. Each new row starts as the mean of the rows of
@@ -111,13 +137,9 @@ def add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     before = {t: tokenizer.encode(t, add_special_tokens=False) for t in tokens}
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    emb = model.get_input_embeddings()
-    if emb.weight.shape[0] <= max(ids):
+    if model.get_input_embeddings().weight.shape[0] <= max(ids):
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-    heads = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not heads[0]:
-        heads.append(out.weight)
+    heads = [model.get_input_embeddings().weight] + ([] if _tied(model) else [model.get_output_embeddings().weight])
     with torch.no_grad():
         for t, i in zip(tokens, ids):
             if before[t] != [i]:  # new: its text used to be cut into before[t]
@@ -231,7 +253,6 @@ def _source_key(where: str, gguf: str | None) -> str:
 @dataclass
 class CacheEntry:
     folder: Path
-    name: str
     size: int
     last_used: float  # seconds since the epoch
 
@@ -239,20 +260,14 @@ class CacheEntry:
 def cache_entries() -> list[CacheEntry]:
     """The converted folders in the cache, least recently used first (the mtime of each pasta-source.json, which
     `prepare` touches at every use)."""
-    import json
-
     root = cache_root() / "models"
     out = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         meta = folder / "pasta-source.json"
         if not meta.is_file():
             continue
-        try:
-            name = json.loads(meta.read_text()).get("name", folder.name)
-        except (OSError, ValueError):
-            name = folder.name
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        out.append(CacheEntry(folder, name, size, meta.stat().st_mtime))
+        out.append(CacheEntry(folder, size, meta.stat().st_mtime))
     return sorted(out, key=lambda e: e.last_used)
 
 
@@ -301,10 +316,9 @@ def prepare(model: str | None = None, adapter: str | None = "none",
     import hashlib
 
     key = [_source_key(where, gguf)]
-    if where_adapter is not None:
-        key += [f"adapter:{adapter_digest(where_adapter)}", f"config:{_digest(where_adapter / 'adapter_config.json')}"]
-        if (where_adapter / VOCAB_FILE).is_file():
-            key.append(f"vocab:{_digest(where_adapter / VOCAB_FILE)}")
+    if where_adapter is not None:  # what applying it reads: weights, config, added tokens
+        key += [f"{f}={_digest(where_adapter / f)}" for f in ("adapter_model.safetensors", "adapter_config.json",
+                                                               VOCAB_FILE) if (where_adapter / f).is_file()]
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
     root = cache_root() / "models"
     # the same content under another name (a copied folder) is the same conversion: the digest decides
@@ -356,11 +370,8 @@ def _convert(where: str, gguf: str | None, adapter: Path | None, folder: Path, n
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
     if adapter is not None:
-        from peft import PeftModel
-
-        add_tokens(lm, tok, adapter_tokens(adapter))  # an adapter that added tokens needs their rows first
         try:
-            lm = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
+            lm = load_adapter(lm, tok, adapter).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelError(f"--adapter: could not apply '{adapter}' to {name}: {e}") from e
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +390,6 @@ def _convert(where: str, gguf: str | None, adapter: Path | None, folder: Path, n
 def load(model: str | None = None, dtype: str = "bf16", adapter: str | None = "none") -> Loaded:
     """Load model + tokenizer in eval mode with the given dtype. The weights come from `prepare`'s folder: a LoRA
     adapter is merged in float32 before the cast, so decoding costs the same as the base model's."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging

@@ -253,6 +253,23 @@ def test_tag_tokens_train_load_and_decode(folder, tmp_path, capsys):
     torch.testing.assert_close(again.get_input_embeddings().weight[ids], merged.get_input_embeddings().weight[ids],
                                atol=1e-4, rtol=1e-4)
 
+    # adding the tags to an adapter trained without them (how the shipped pasta-linear was made): its LoRA goes on
+    # as it was, and the new rows start as add_tokens makes them
+    from safetensors.torch import load_file
+
+    plain, tagged = tmp_path / "plain", tmp_path / "tagged"
+    common = ["--model", str(folder), "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "1"]
+    assert main(["train", "sft", str(data), "--output", str(plain), "--max-steps", "2", "--lr", "0.05", *common]) == 0
+    assert main(["train", "sft", str(data), "--output", str(tagged), "--max-steps", "1", "--lr", "1e-9",
+                 "--init-adapter", str(plain), "--tag-tokens", *common]) == 0
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (plain, tagged))
+    assert set(before) < set(after) and all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert json.loads((tagged / VOCAB_FILE).read_text())["added_tokens"] == TAG_TOKENS
+    fresh = load(str(folder), "fp32", "none")
+    rows = fresh.model.get_input_embeddings().weight[add_tokens(fresh.model, fresh.tokenizer, TAG_TOKENS)]
+    new = next(v for k, v in after.items() if "embed_tokens" in k and "trainable_tokens" in k)
+    torch.testing.assert_close(new, rows.detach(), atol=1e-4, rtol=1e-4)
+
 
 def test_added_tag_rows_start_as_the_mean_of_their_pieces():
     """A tied model (tiny Qwen2): one new row each, the mean of the rows of the tokens the tag was cut into, and

@@ -220,10 +220,6 @@ class APIError(Exception):
         self.headers = headers
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -242,8 +238,15 @@ ERRORS = {400: "invalid request: the message says what to change", 401: "missing
           503: "the server is shutting down"}
 
 
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+
 def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": ERRORS[s]} for s in statuses}
+
+
+GENERATE_ERRORS = _errors(*ERRORS)  # what /v1/chat/completions and /v1/completions may answer besides 200
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -468,8 +471,7 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
     async def health():
         return {"status": "ok", "model": cfg.model_id, **scheduler.state()}
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -719,7 +721,7 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         return envelope("chat.completion" if chat else "text_completion", parts, [c.result for c in choices],
                         body.n)
 
-    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 429, 500, 503))
+    @app.post("/v1/chat/completions", responses=GENERATE_ERRORS)
     async def chat(body: ChatRequest, request: Request):
         from ..models import chat_messages
 
@@ -732,7 +734,7 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         _check_prompt(ids)
         return await _respond(request, body, [ids], config, chat=True)
 
-    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 429, 500, 503))
+    @app.post("/v1/completions", responses=GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         config = _config(body, body.max_tokens, chat=False)
         prompts = await run_in_threadpool(lambda: [list(engine.tokenizer.encode(p)) for p in body.prompt])

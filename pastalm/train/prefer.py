@@ -344,12 +344,10 @@ def lam_name(lam: float) -> str:
 
 def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
     """All lambdas, all rounds; returns the per-round statistics (also saved as OUT/stats.json)."""
-    from peft import PeftModel
-
     from ..engine import Engine
     from ..eval.judges import ProxyJudge
     from ..eval.speed import stratified
-    from ..models import VOCAB_FILE, add_tokens, adapter_digest, adapter_tokens, load, resolve_adapter
+    from ..models import adapter_digest, adapter_tokens, load, load_adapter, resolve_adapter, save_adapter
     from .prompts import load_prompts
 
     out = Path(cfg.output)
@@ -410,17 +408,13 @@ def run_prefer(cfg: PreferConfig, progress: bool = True, judge=None) -> dict:
             pairs, pstats = build_pairs(samples, lam, cfg.tie_eps)
             (rdir / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
             train = load(cfg.model, "fp32" if cfg.dtype == "fp32" else cfg.dtype, "none")
-            added = adapter_tokens(prev)  # tokens the adapter added (--tag-tokens): their rows come first
-            add_tokens(train.model, train.tokenizer, added)
-            model = PeftModel.from_pretrained(train.model, str(prev), is_trainable=True)
+            model = load_adapter(train.model, train.tokenizer, prev, trainable=True)
             items, skipped = pair_layouts(train.tokenizer, pairs, cfg)
             if not items:
                 raise ValueError(f"{key}: no usable pair ({pstats}); sample more (--samples) or more prompts")
             t1 = time.perf_counter()
             hist = train_pairs(model, train.tokenizer, items, cfg, progress)
-            model.save_pretrained(str(adapter_dir), **({"save_embedding_layers": False} if added else {}))
-            if added:
-                (adapter_dir / VOCAB_FILE).write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
+            save_adapter(model, adapter_dir, adapter_tokens(prev))
             n = len(samples)
             stats[key] = {
                 "lambda": lam_name(lam), "round": r, "from": str(prev), **pstats, "pairs_too_long": skipped,

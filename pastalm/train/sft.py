@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class LayoutTrainer(Trainer):
 
 def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     """Fine-tune `model` (in place; wrapped with LoRA unless cfg.full) and save the result to cfg.output."""
-    from ..models import VOCAB_FILE, add_tokens, adapter_tokens
+    from ..models import add_tokens, adapter_tokens, load_adapter, save_adapter, token_rows
 
     set_seed(cfg.seed)
     out = Path(cfg.output)
@@ -106,25 +107,15 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     added = list(dict.fromkeys(adapter_tokens(cfg.init_adapter) + (TAG_TOKENS if cfg.tag_tokens else [])))
     if added and cfg.full:
         raise ValueError("--tag-tokens trains the new rows with a LoRA adapter; it cannot be combined with --full")
-    added_ids = add_tokens(model, tokenizer, added) if added else []
-    if added:  # the Trainer's checkpoints keep the resized embeddings whole, for resuming; peft warns each time
-        import warnings
-
-        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    trainable = token_rows(model, add_tokens(model, tokenizer, added))
     policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     eos_id = tokenizer.eos_token_id
     rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)
     if cfg.init_adapter and cfg.full:
         raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
-    tied = model.get_output_embeddings() is None or \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    trainable = None if not added_ids else (
-        {"embed_tokens": added_ids} if tied else {"embed_tokens": added_ids, "lm_head": added_ids})
-    if cfg.init_adapter and not trainable:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    if cfg.init_adapter and added == adapter_tokens(cfg.init_adapter):  # nothing new to add to it
+        model = load_adapter(model, tokenizer, cfg.init_adapter, trainable=True)
     elif cfg.init_adapter:  # the adapter's LoRA, and rows for the added tokens (theirs, where it had them)
         from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -163,13 +154,16 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     t0 = time.perf_counter()
     # A rerun into the same folder resumes from its last checkpoint (optimizer and data order included).
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    with warnings.catch_warnings():  # with added tokens, the checkpoints keep the resized embeddings whole (for
+        # resuming), and peft warns at each one
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+        result = trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
     seconds = time.perf_counter() - t0
-    # the added rows are in the adapter (trainable tokens); the rest of the resized embeddings is the base model's
-    model.save_pretrained(str(out), **({"save_embedding_layers": False} if added else {}))
+    if cfg.full:
+        model.save_pretrained(str(out))
+    else:
+        save_adapter(model, out, added)
     tokenizer.save_pretrained(str(out))
-    if added:  # what a loader adds to the base model's vocabulary before it applies the adapter
-        (out / VOCAB_FILE).write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     labelled = sum(sum(l != IGNORE for l in s.labels) for s in dataset.layouts)
     summary = {

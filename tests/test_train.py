@@ -364,3 +364,18 @@ def test_tag_weights_mark_exactly_the_predictions_of_tag_tokens(tokenizer):
     ce = torch.nn.functional.cross_entropy(logits[0][keep], labels[0][keep], reduction="none")
     wt = torch.tensor(w)[keep]
     torch.testing.assert_close(weighted_loss(logits, labels, torch.tensor([w])), (ce * wt).sum() / wt.sum())
+
+
+@pytest.mark.parametrize("flags, message", [({"init_adapter": "some/adapter"}, "--init-adapter continues"),
+                                            ({"tag_tokens": True}, "--tag-tokens trains")])
+def test_full_fine_tuning_refuses_lora_only_options_before_any_work(tmp_path, tokenizer, flags, message):
+    """--full with --init-adapter or --tag-tokens is refused first: before the model's vocabulary is touched and
+    before the data is read (the data file here does not exist)."""
+    from pastalm.train.sft import SFTConfig, train_sft
+
+    model = tiny_model("qwen2")
+    rows = model.get_input_embeddings().weight.shape[0]
+    cfg = SFTConfig(data=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "out"), full=True, **flags)
+    with pytest.raises(ValueError, match=message):
+        train_sft(model, tokenizer, cfg)
+    assert model.get_input_embeddings().weight.shape[0] == rows  # no rows were added for tags

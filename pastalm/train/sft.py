@@ -103,18 +103,19 @@ def train_sft(model, tokenizer, cfg: SFTConfig, callbacks=None) -> dict:
     set_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    # tokens the adapter continued from added, and the tags when asked: before the data is tokenized
-    added = list(dict.fromkeys(adapter_tokens(cfg.init_adapter) + (TAG_TOKENS if cfg.tag_tokens else [])))
-    if added and cfg.full:
+    if cfg.full and cfg.init_adapter:
+        raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
+    if cfg.full and cfg.tag_tokens:
         raise ValueError("--tag-tokens trains the new rows with a LoRA adapter; it cannot be combined with --full")
+    # tokens the adapter continued from added, and the tags when asked: before the data is tokenized
+    prior = adapter_tokens(cfg.init_adapter)
+    added = list(dict.fromkeys(prior + (TAG_TOKENS if cfg.tag_tokens else [])))
     trainable = token_rows(model, add_tokens(model, tokenizer, added))
     policy = ReservePolicy.for_tokenizer(tokenizer, cfg.reserve_scale, cfg.layout)
     eos_id = tokenizer.eos_token_id
     rows = load_examples(cfg.data, cfg.limit, cfg.skip_truncated)
     dataset, skipped = build_dataset(tokenizer, rows, cfg, policy, eos_id)
-    if cfg.init_adapter and cfg.full:
-        raise ValueError("--init-adapter continues a LoRA adapter; it cannot be combined with --full")
-    if cfg.init_adapter and added == adapter_tokens(cfg.init_adapter):  # nothing new to add to it
+    if cfg.init_adapter and added == prior:  # nothing new to add to it (load_adapter's add_tokens: already there)
         model = load_adapter(model, tokenizer, cfg.init_adapter, trainable=True)
     elif cfg.init_adapter:  # the adapter's LoRA, and rows for the added tokens (theirs, where it had them)
         from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict

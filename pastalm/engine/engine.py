@@ -14,7 +14,8 @@ def thread_segments(annotated: str, sequential: bool = False) -> list[list[Segme
     """The segments each thread writes when it replays an annotated answer, main first: main's text and tags,
     then one script per promise, in order: its block's chunk and `</async>` (empty for a promise without a block,
     so that every later block stays with its own promise). `<async>` is never written: the interpreter forces it.
-    A block without a promise before it is a stray that main writes as text, as it would when decoding freely.
+    A block without a promise right before it (strays aside) is a stray that main writes, as it would when
+    decoding freely.
     Sequentially, main writes the blocks inline."""
     threads: list[list[Segment]] = [[]]
     awaiting = None  # the script of the last promise, while its block has not opened
@@ -37,9 +38,10 @@ def thread_segments(annotated: str, sequential: bool = False) -> list[list[Segme
             if seg.kind == CLOSE:
                 current = 0
         elif seg.kind in (TEXT, SYNC_KIND):
+            # the parser opens a block only right after its promise, strays between them aside (a stray has no
+            # effect, L5): so a stray there (`<promise .../><sync><async>`) keeps the block with its promise, as
+            # training lays it out (issue 26: replay gave the chunk to main); text or a sync leaves no block to open
             threads[0].append(seg)
-            if seg.kind == SYNC_KIND or seg.text.strip():
-                awaiting = None
     return threads
 
 

@@ -53,7 +53,9 @@ class Limits:
     max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
     repeat_guard: bool = True  # runaway guard: main ends at a promise whose topic (or lead) an earlier promise had
     block_guard: bool = True  # a block that writes a promise (a stray: blocks cannot fork) ends there
-    max_context: int | None = None  # cache slots (prompt + every written token)
+    max_context: int | None = None  # cache slots (prompt, every written token, re-laid copies): a memory bound
+    # (not the context a thread sees: that is bounded by max_positions; issue 26: the linear layout's copies of the
+    # history counted against the model's positions and ended answers that fit them)
     max_positions: int | None = None  # rotary positions the model supports
 
     def __post_init__(self):
@@ -404,7 +406,8 @@ class Interpreter:
         if not t.is_main:
             if isinstance(ev, AsyncClose):
                 t.closed = True
-                t.status, t.finish = Status.FINISHING, "close"
+                if t.status == Status.RUNNING:  # a guard that ended it earlier in this token keeps its reason,
+                    t.status, t.finish = Status.FINISHING, "close"  # as `limits_hit` has it
             elif (isinstance(ev, Stray) and self.limits.block_guard and ev.raw.startswith("<promise")
                   and t.status == Status.RUNNING):
                 t.status, t.finish = Status.FINISHING, "block_guard"

@@ -24,7 +24,8 @@ class GenerateConfig:
         async_factor: an async block's chunk may take async_factor * its promised tokens (plus its two tags).
         async_cap: hard cap on the tokens of one chunk.
         max_threads: live async threads; a promise past it is decoded inline by main.
-        max_context: cache slots per request; None takes the model's max_position_embeddings.
+        max_context: cache slots per request, re-laid copies included (a memory bound); None sets none: the
+            model's positions (`max_position_embeddings`) still bound every thread's context.
         layout: 'reserve' (positions reserved per block; main sees the blocks where they were written) or 'linear'
             (nothing reserved; a sync re-lays the history in reading order): docs/spec.md section 3. None: the
             backend's own (reserve on transformers, linear on vLLM, which runs only that).
@@ -55,7 +56,8 @@ class GenerateConfig:
                              "earlier one's (on)", action="bool")
     block_guard: bool = opt(True, "a block that writes a promise (which only main may) ends there (on)",
                             action="bool")
-    max_context: int | None = opt(None, "cache slots per request (default: the model's positions)",
+    max_context: int | None = opt(None, "cache slots per request, re-laid copies included (default: no slot limit; the "
+                                  "model's positions still bound each thread)",
                                   type=positive_int)
     layout: str | None = opt(None, "'reserve': positions reserved per block, main sees blocks in place (the hf "
                              "backend's default); 'linear': nothing reserved, a sync re-lays the history in reading "
@@ -97,7 +99,7 @@ class GenerateConfig:
 
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,
-                      max_context=self.max_context or max_positions, max_positions=max_positions,
+                      max_context=self.max_context, max_positions=max_positions,
                       max_promises=self.max_promises, repeat_guard=self.repeat_guard,
                       block_guard=self.block_guard)
 

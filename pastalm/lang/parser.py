@@ -77,6 +77,7 @@ class StreamParser:
         self.role = role
         self.state = IN_BLOCK if role == "async" else MAIN
         self._held = ""  # text that may still become a tag; always starts with "<"
+        self._long = False  # inside a tag fragment cut at MAX_PROMISE_CHARS: the rest of it is a stray too
 
     @property
     def in_block(self) -> bool:
@@ -99,6 +100,14 @@ class StreamParser:
         out: list[Event] = []
         i, n = 0, len(buf)
         while i < n:
+            if self._long:  # the rest of a too-long fragment, up to its end (L5): a stray, sent as it comes
+                m = _FRAGMENT_END.search(buf, i)
+                end = n if m is None else m.end() if m.group() == ">" else m.start()
+                if end > i:
+                    out.append(Stray(buf[i:end]))
+                self._long = m is None
+                i = end
+                continue
             j = buf.find("<", i)
             if j < 0:
                 self._text(out, buf[i:])
@@ -109,6 +118,9 @@ class StreamParser:
             if status == _COMPLETE:
                 self._event(out, event)
                 i = j + length
+                # a fragment that reached the cap without its `>` goes on to its end as a stray: its tail
+                # (`...long topic" tokens="5"/>`) must not be shown
+                self._long = length == MAX_PROMISE_CHARS and not event.raw.endswith(">")
             elif status == _PARTIAL:
                 self._held = buf[j:]
                 break
@@ -125,6 +137,7 @@ class StreamParser:
         if self._held:
             out.append(Stray(self._held))
             self._held = ""
+        self._long = False
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------

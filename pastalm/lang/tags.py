@@ -25,11 +25,13 @@ _ATTR_RE = re.compile(r'([A-Za-z_][\w-]*)="([^"<>\n]*)"')
 # (`bench/promise_length.py`). The text, and so the language, stays the same: only how it is cut into tokens.
 TAG_TOKENS = [f'<promise tokens="{n}"/>' for n in range(10, 101, 10)] + [ASYNC_OPEN, ASYNC_CLOSE, SYNC]
 
-# Longest tag the streaming parser will hold back while waiting for its `>`; a longer one ends there.
+# Longest tag the streaming parser will hold back while waiting for its `>`; a longer fragment is a stray up to its
+# end (docs/spec.md L3, L5), sent as it comes.
 MAX_PROMISE_CHARS = 256
 
 # Tag heads: `<` or `</` and a tag name not followed by a name character. Text that starts with a head is a tag
-# fragment up to its first `>` (inclusive), or up to a `<` or a line break (exclusive), or MAX_PROMISE_CHARS. A
+# fragment up to its first `>` (inclusive), or up to a `<` or a line break (exclusive); past MAX_PROMISE_CHARS it is a
+# stray whatever follows. A
 # fragment that is not a tag legal where it stands is a *stray*: kept in the raw form, never rendered
 # (docs/spec.md, "Stray tags"). So no tag, whole or cut, reaches the reader.
 TAG_NAMES = ("promise", "async", "sync")

@@ -170,10 +170,9 @@ class Batcher:
         logprobs = interp.token_logprobs(complete=True) if req.config.logprobs is not None else None
         if req.on_tokens is not None:
             _stream(logprobs, req.tokens_sent, req.on_tokens)
-        tag_tokens = interp.tag_tokens()
-        generated = interp.num_generated()
-        hidden = interp.hidden_text()  # a refused lead: written, not shown, so not a rendered token
-        hidden_tokens = len(self.engine.tokenizer.encode(hidden, add_special_tokens=False)) if hidden else 0
+        # the written tokens that show rendered text, and those written for tags; a refused lead's (hidden) are
+        # written, not shown, so neither (`Interpreter.token_counts`)
+        rendered, tag_tokens, _ = interp.token_counts()
         req.waiting.clear()
         req.result = Result(
             text=interp.rendered(complete=True),
@@ -181,7 +180,7 @@ class Batcher:
             model=self.engine.name,
             mode=req.mode,
             prompt_tokens=req.prompt_len,
-            tokens=generated - tag_tokens - hidden_tokens,
+            tokens=rendered,
             tag_tokens=tag_tokens,
             decode_steps=req.steps,
             threads=len(interp.threads) - 1,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import re
+import weakref
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..lang.layout import Layout, ReservePolicy, Span
 from ..lang.parser import AsyncClose, Promise, Stray, StreamParser, Sync, Text
-from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN
+from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN, TAG_HEAD_RE
 
 _LIST_MARKER = re.compile(r"^\s*(?:#+|[-*+]|\d+[.)])\s+")
 # A line that may be a list item's lead (`2. **Design**:`, `- Buy`, `**Tip**`, the `2` before its `.`, or only the
@@ -160,6 +161,15 @@ class Trace:
             ids_out.append(list(ids))
         return {"spans": merged, "ids": ids_out,
                 "targets": sorted([c, i, t] for (c, i), t in self.targets.items())}
+
+
+_TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: holds a tag head}
+
+
+def _touches(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether the characters [lo, hi) meet one of `spans` (sorted, disjoint [begin, end) ranges)."""
+    k = bisect.bisect_left(spans, (hi,))  # the spans that begin before hi; the last of them ends last
+    return k > 0 and spans[k - 1][1] > lo
 
 
 def _same_view(a, b, own: int) -> bool:
@@ -652,8 +662,9 @@ class Interpreter:
         """The rendered answer (what `rendered(complete)` shows) token by token in reading order: per token that
         shows text, {"text": the characters it shows, "id", "logprob", "top": [(id, logprob), ...], "thread"} (logprob None
         for a token the model did not choose: a forced or replayed one). The texts join to the rendered answer; a
-        token that also wrote a tag shows only its text, and one that wrote only part of a character shows ''
-        (the token that completes the character shows it)."""
+        token that also wrote a tag shows only its text, one that wrote only tag characters has no entry, and one
+        that wrote only part of a character shows '' (the token that completes the character shows it). `top`
+        leaves out tag tokens (`_untagged`), so no tag is in any entry."""
         return [entry for _, entry in self.token_entries(complete)]
 
     def token_entries(self, complete: bool = False, start: int = 0) -> list[tuple[tuple[int, int], dict]]:
@@ -675,8 +686,9 @@ class Interpreter:
             while k < len(t.ends) and (t.ends[k - 1] if k else 0) < end:
                 lo, hi = max(begin, t.ends[k - 1] if k else 0), min(end, t.ends[k])
                 # a token that shows nothing yet (part of a character: the next token completes it) is listed
-                # where it stands, with empty text
-                if hi > lo or (lo == hi == t.ends[k] and begin <= lo):
+                # where it stands, with empty text; one that ends where the piece begins wrote only what comes before
+                # it (a tag's last token): no entry
+                if hi > lo or t.ends[k] == (t.ends[k - 1] if k else 0):
                     shown = text[lo - begin: hi - begin]
                     if out and out[-1][0] == (tid, k):
                         out[-1][1]["text"] += shown
@@ -684,19 +696,63 @@ class Interpreter:
                         info = t.infos.get(k)
                         out.append(((tid, k), {"text": shown, "id": t.tokens[first + k],
                                                "logprob": info[0] if info else None,
-                                               "top": list(info[1]) if info else [], "thread": tid}))
+                                               "top": self._untagged(info[1]) if info else [], "thread": tid}))
                 k += 1
         return out
 
-    def tag_tokens(self) -> int:
-        """Tokens spent on tags: each tag event at its own token length (forced <async> included)."""
-        enc = self.tokenizer.encode
-        n = 0
+    def _untagged(self, top: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """`top` without its tag tokens (a token whose text holds a tag head: on a tag-token tokenizer, each tag).
+        No tag reaches a logprob field, so such an alternative is left out, not replaced: the list may be shorter
+        than asked."""
+        try:
+            memo = _TAG_IDS.setdefault(self.tokenizer, {})
+        except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+            memo = {}
+        out = []
+        for i, v in top:
+            if i not in memo:
+                memo[i] = TAG_HEAD_RE.search(self.tokenizer.decode([i])) is not None
+            if not memo[i]:
+                out.append((i, v))
+        return out
+
+    def token_counts(self) -> tuple[int, int, int]:
+        """The written tokens by what they wrote: (rendered, tag, hidden). Rendered: it wrote characters of the
+        rendered answer (`token_logprobs` lists it); else hidden: main's text the answer leaves out (`hidden_text`);
+        else a tag token: only tag characters (strays included), or a block's forced `<async>`. A token that wrote
+        only part of a character counts with that character, and one whose character a thread's end cut short in
+        none, so the three add up to every written token but those. Counted as written, not by re-encoding the
+        text: a tag the model spelled out in pieces is all its pieces, on a tokenizer with the tags as tokens too."""
+        shown: dict[int, list[tuple[int, int]]] = {}
+        for tid, text, begin in self._pieces(complete=True)[0]:
+            if text:
+                shown.setdefault(tid, []).append((begin, begin + len(text)))
+        rendered = tag = hidden = 0
         for t in self.threads:
-            n += sum(len(enc(e.raw, add_special_tokens=False)) for e in t.events if not isinstance(e, Text))
+            texts, at = [], 0
+            for e in t.events:
+                if isinstance(e, Text) and e.raw:
+                    texts.append((at, at + len(e.raw)))
+                at += len(e.raw)
             if not t.is_main:
-                n += len(self.open_ids)
-        return n
+                tag += len(self.open_ids)
+            prev = 0
+            for end in t.ends:
+                lo, hi = (prev, end) if end > prev else (end, end + 1)  # part of a character: the character
+                prev = end
+                if lo >= at:  # nothing it wrote was parsed (a character cut short)
+                    continue
+                if _touches(shown.get(t.id, []), lo, hi):
+                    rendered += 1
+                elif _touches(texts, lo, hi):
+                    hidden += 1
+                else:
+                    tag += 1
+        return rendered, tag, hidden
+
+    def tag_tokens(self) -> int:
+        """Tokens written for tags (`token_counts`)."""
+        return self.token_counts()[1]
 
     def theoretical_speedup(self) -> float:
         """All generated tokens / tokens on the critical path."""

@@ -113,8 +113,8 @@ class Result:
     model: str
     mode: str
     prompt_tokens: int
-    tokens: int  # tokens of the rendered answer (tags excluded)
-    tag_tokens: int
+    tokens: int  # written tokens that show rendered text (`Interpreter.token_counts`)
+    tag_tokens: int  # written tokens of tags only, as the model spelled them (the forced <async> included)
     decode_steps: int  # forward passes, prefill included
     threads: int  # async threads forked
     theoretical_speedup: float

@@ -109,10 +109,31 @@ def token_rows(model, ids: list[int]) -> dict[str, list[int]] | None:
 def load_adapter(model, tokenizer, folder: str | Path, trainable: bool = False):
     """`model` with the PEFT adapter in `folder`, after adding the tokens it added to the vocabulary (their rows
     are in the adapter)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    add_tokens(model, tokenizer, adapter_tokens(folder))
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    tokens = adapter_tokens(folder)
+    ids = add_tokens(model, tokenizer, tokens)
+    config = PeftConfig.from_pretrained(str(folder))
+    trained = getattr(config, "trainable_token_indices", None)
+    if tokens and trained:
+        config.trainable_token_indices = _remap_rows(trained, tokens, ids, folder)
+    return PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=trainable)
+
+
+def _remap_rows(trained, tokens: list[str], ids: list[int], folder) -> dict[str, list[int]] | list[int]:
+    """The adapter's `trainable_token_indices` pointed at the ids `tokens` get in this tokenizer. The rows were
+    trained for the ids the tokens had then (row i is tokens[i], as `pasta train sft --tag-tokens` saved them); a
+    base tokenizer with other added tokens gives them other ids, and peft would write the rows over the wrong
+    tokens without a word. Rows of any other shape are refused."""
+    def one(rows):
+        if len(rows) != len(tokens):
+            raise ModelError(f"--adapter: '{folder}' has {len(rows)} trained token rows for the {len(tokens)} tokens "
+                             f"of its {VOCAB_FILE}; it cannot be applied (retrain it with `pasta train sft "
+                             "--tag-tokens`)")
+        return list(ids)
+    if isinstance(trained, dict):
+        return {layer: one(rows) for layer, rows in trained.items()}
+    return one(trained)
 
 
 def save_adapter(model, folder: str | Path, added: list[str]) -> None:
@@ -245,9 +266,19 @@ def _source_key(where: str, gguf: str | None) -> str:
     folder = Path(where)
     if not folder.is_dir():
         return f"hub:{where}"  # a hub id: the hub's cache keeps its own revisions
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in
-                                                                     (".safetensors", ".bin")))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _keyed(p.name))
     return "folder:" + ",".join(f"{p.name}={_digest(p)}" for p in files)
+
+
+# What a converted folder copies from a model folder besides its weights: the config, and the tokenizer that
+# `_convert` saves with it (a changed vocabulary, added tokens or chat template must convert again).
+KEYED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "chat_template.json")
+
+
+def _keyed(name: str) -> bool:
+    return name in KEYED_FILES or name.endswith((".safetensors", ".bin"))
 
 
 @dataclass
@@ -303,10 +334,10 @@ def prepare(model: str | None = None, adapter: str | None = "none",
     A GGUF file (the bundled model included) or any model with a LoRA adapter is converted once into a cached
     folder (float32 safetensors with the adapter merged, config, generation config and tokenizer), which both
     backends load directly: the GGUF is not dequantized again and peft is not imported. The cache key is the
-    content of the source (the GGUF, or the model folder's config and weights) and of the adapter (its weights and
-    config), so a changed file converts again and the same files found at another path do not. After a conversion
-    the cache is pruned to $PASTA_CACHE_MAX_GB, least recently used first (`pasta cache` lists and clears it). With
-    `convert=False`, a source not converted yet is returned as it is."""
+    content of the source (the GGUF, or the model folder's config, weights and tokenizer files) and of the adapter
+    (its weights and config), so a changed file converts again and the same files found at another path do not.
+    After a conversion the cache is pruned to $PASTA_CACHE_MAX_GB, least recently used first (`pasta cache` lists
+    and clears it). With `convert=False`, a source not converted yet is returned as it is."""
     where, gguf, name = resolve(model)
     where_adapter = resolve_adapter(adapter, model)
     if where_adapter is not None:

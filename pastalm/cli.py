@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print the answer as it is decoded, in reading order (on; --no-stream prints it at the end)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt with text and measures")
+    g.add_argument("--show-threads", action="store_true",
+                   help="show each thread's progress live while it decodes (on stderr), then print the answer")
     add_flags(g, GenerateConfig)
     _train_parsers(sub)
     _eval_parser(sub)
@@ -369,9 +371,12 @@ def generate(args) -> int:
     engine = settings.engine(layout=cfg.layout)
     cfg = engine.check(cfg)
     first: list[float] = []
+    show = getattr(args, "show_threads", False)
+    if show and args.json:
+        raise ValueError("--show-threads draws a live view for people; leave it out with --json")
     for prompt in prompts:
         ids = chat_prompt(engine.tokenizer, prompt, args.system)
-        stream = args.stream and not args.json and not args.raw
+        stream = args.stream and not args.json and not args.raw and not show
 
         def on_text(s: str) -> None:
             if not first:
@@ -380,7 +385,10 @@ def generate(args) -> int:
                 sys.stdout.write(s)
                 sys.stdout.flush()
 
-        res = engine.generate(ids, cfg, force=force, on_text=on_text)
+        if show:
+            res = _with_threads_view(engine, ids, cfg, force, on_text)
+        else:
+            res = engine.generate(ids, cfg, force=force, on_text=on_text)
         stream_done = stream
         if args.json:
             d = res.to_json()
@@ -399,6 +407,22 @@ def generate(args) -> int:
               + shown
               + (f", limits hit: {', '.join(res.limits_hit)}" if res.limits_hit else ""), file=sys.stderr)
     return 0
+
+
+def _with_threads_view(engine, ids, cfg, force, on_text):
+    """`engine.generate` under a live view of its threads (rich, on stderr), which stays on screen at the end."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .threadview import ThreadsView
+
+    view, console = ThreadsView(), Console(stderr=True)
+    with Live(view, console=console, refresh_per_second=12) as live:
+        res = engine.generate(ids, cfg, force=force, on_text=on_text, on_step=view.update)
+        live.refresh()
+    if not console.is_terminal:  # a terminal's Live ends its last line itself; a file's does not
+        console.print()
+    return res
 
 
 def _judge(args):

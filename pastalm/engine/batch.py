@@ -31,10 +31,12 @@ class Batcher:
         self.failures: list[tuple[Request, str]] = []  # requests that failed alone, not yet taken
 
     def add(self, prompt_ids: list[int], config, scripts: list[list[int]] | None = None, scaffold: bool = False,
-            forced: bool = False, on_text=None, stop_ids: set[int] | None = None, on_tokens=None) -> Request:
+            forced: bool = False, on_text=None, stop_ids: set[int] | None = None, on_tokens=None,
+            on_step=None) -> Request:
         """Queue a request; it joins at the next step. `stop_ids` overrides the engine's (empty: ignore EOS and
         stop only at a limit, as benchmarks do). With `config.logprobs`, `on_tokens(entries)` gets the rendered
-        answer's tokens (`Interpreter.token_logprobs`) as they become final."""
+        answer's tokens (`Interpreter.token_logprobs`) as they become final. `on_step(view)` gets, after every
+        step of this request, what each thread is doing (`thread_view`): for live views of the parallelism."""
         eng = self.engine
         config = eng.check(config)
         stops = eng.stop_ids if stop_ids is None else set(stop_ids)
@@ -44,7 +46,7 @@ class Batcher:
         mode = (("forced-" if forced else "scaffold-" if scaffold else "scripted-" if scripts else "")
                 + ("sequential" if config.sequential else "async"))
         req = Request(self._next_id, interp, config, len(prompt_ids), mode, scaffold, on_text,
-                      logits={} if config.record_logits else None, on_tokens=on_tokens)
+                      logits={} if config.record_logits else None, on_tokens=on_tokens, on_step=on_step)
         self._next_id += 1
         self.active.append(req)
         return req
@@ -144,6 +146,7 @@ class Batcher:
     def _advance(self, req: Request, chosen: dict[tuple[int, int], int]) -> None:
         interp = req.interp
         req.steps += 1
+        wrote: list[list] = []  # on_step: [thread, whether its token showed text] per token written
         for tid in sorted(req.waiting):
             if interp.threads[tid].status != Status.RUNNING:  # a limit ended it in this step
                 req.waiting.discard(tid)
@@ -154,7 +157,11 @@ class Batcher:
                 if token is None:  # the runner has not decoded it yet
                     continue
             req.waiting.discard(tid)
+            t = interp.threads[tid]
+            before = (len(t.tokens), len(t.text())) if req.on_step is not None else None
             interp.write(tid, token, req.token_info.pop(tid, None))
+            if before is not None and len(t.tokens) > before[0]:  # written (an EOS or a spent budget is not)
+                wrote.append([tid, len(t.text()) > before[1]])
             if req.scaffold and tid == 0:  # the rest of main's script goes in at once
                 while interp.main.status == Status.RUNNING and (token := interp.scripted(0)) not in (None, STOP):
                     interp.write(0, token)
@@ -162,6 +169,8 @@ class Batcher:
             _send_entries(req)
         if req.on_text is not None:
             req.streamed = _stream(interp.rendered(), req.streamed, req.on_text)
+        if req.on_step is not None:
+            req.on_step(thread_view(interp, req.steps, wrote))
 
     def _finish(self, req: Request) -> Request:
         interp = req.interp
@@ -203,6 +212,18 @@ class Batcher:
         if gone or free:
             self.active = [r for r in self.active if not r.done]
             self.runner.release(gone, self.active, free)
+
+
+def thread_view(interp: Interpreter, step: int, wrote: list[list]) -> dict:
+    """What each thread is doing after a step, for live views (`pasta generate --show-threads`, the playground's
+    stream): `step` (the request's steps so far, prefill included), `live` (the threads still decoding, main is 0),
+    `wrote` ([thread, shown] for each token written in this step; shown is false for a token that showed no text
+    yet: a tag's, or one the parser holds until it knows it is not a tag), and `pieces`: the whole answer so far
+    in reading order, one {"thread", "text", "finish"} per run of one thread's text, every block where it stands
+    (a live block's text still grows; main's text after a live block is shown too, before the final answer
+    would show it)."""
+    return {"step": step, "live": [t.id for t in interp.threads if t.status < Status.DONE], "wrote": wrote,
+            "pieces": interp.pieces()}
 
 
 def _send_entries(req: Request) -> None:

@@ -90,9 +90,10 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,
-                 scaffold: bool = False) -> Result:
+                 scaffold: bool = False, on_step=None) -> Result:
         """Answer one prompt (token ids, chat template applied). `force` replays an annotated answer instead of
-        choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final.
+        choosing tokens; `on_text(str)` receives the rendered answer in reading order as it becomes final;
+        `on_step(view)` what each thread did in each step (`batch.thread_view`).
 
         `scripts` (instead of `force`): per-thread token scripts, main first (see `scripts_for`), replayed one
         token per step. With `scaffold`, the scripts are scaffolding instead: main's script is written in one
@@ -103,7 +104,8 @@ class Engine:
                 raise ValueError("give either force or scripts, not both")
             scripts = scripts_for(self.tokenizer, force, config.sequential)
         batcher = Batcher(self)
-        req = batcher.add(prompt_ids, config, scripts, scaffold=scaffold, forced=force is not None, on_text=on_text)
+        req = batcher.add(prompt_ids, config, scripts, scaffold=scaffold, forced=force is not None, on_text=on_text,
+                          on_step=on_step)
         while not req.done:
             batcher.step()
         if req.error is not None:

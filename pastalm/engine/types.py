@@ -162,6 +162,7 @@ class Request:
     tokens_sent: int = 0  # entries sent by on_tokens ...
     chars_sent: int = 0  # ... the characters of their texts ...
     next_entry: tuple[int, int] | None = None  # ... and the key of the one held back (`Interpreter.token_entries`)
+    on_step: object = None  # called with `batch.thread_view` after each step (live views)
 
     @property
     def done(self) -> bool:

@@ -1,9 +1,10 @@
 """`pasta serve`: an OpenAI-compatible HTTP API over the engine, with continuous batching across requests.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed over server-sent events or not),
-GET /v1/models, /health and /metrics (Prometheus). Per-request extra fields: `pasta` ({"enabled", "reserve_scale",
-"max_threads"}) and `raw` (the annotated form instead of the rendered answer). Errors are OpenAI-style objects
-({"error": {"message", "type", "param", "code"}}).
+GET /v1/models, /health and /metrics (Prometheus), and the playground page at / (static files, `static/`).
+Per-request extra fields: `pasta` ({"enabled", "reserve_scale", "max_threads", "max_promises", "repeat_guard",
+"block_guard", "threads", "force"}) and `raw` (the annotated form instead of the rendered answer). Errors are
+OpenAI-style objects ({"error": {"message", "type", "param", "code"}}).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +35,7 @@ from ..engine.types import MAX_TOP_LOGPROBS
 from .scheduler import Busy, Closed, ComputeThread, Job, Scheduler
 
 LENGTH_LIMITS = ("max_new_tokens", "context")
+STATIC = Path(__file__).resolve().parent / "static"  # the playground page
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
@@ -63,6 +67,15 @@ class PastaOptions(BaseModel):
     max_promises: int | None = Field(default=None, ge=1, le=1024)
     repeat_guard: bool | None = None
     block_guard: bool | None = None
+    # the playground's extras (docs/serving.md, "The playground"): a stream that says what each thread is doing,
+    # and a forced replay of an annotated answer (to see how the model decodes a given annotation)
+    threads: bool = False
+    force: str | None = Field(default=None, min_length=1, max_length=65536)
+
+    @field_validator("force")
+    @classmethod
+    def _force_utf8(cls, v):
+        return v if v is None else _utf8(v, "pasta.force")
 
 
 class TextPart(BaseModel):
@@ -467,6 +480,13 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
         traceback.print_exception(exc)
         return _error(request, 500, f"internal error: {type(exc).__name__}", "server_error")
 
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        # the page holds no key: with --api-key it asks for one and sends it with each /v1/ request
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": cfg.model_id, **scheduler.state()}
@@ -509,6 +529,11 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
                 kw["repeat_guard"] = body.pasta.repeat_guard
             if body.pasta.block_guard is not None:
                 kw["block_guard"] = body.pasta.block_guard
+            if body.pasta.threads and not body.stream:
+                raise APIError(400, "pasta.threads streams what each thread is doing; it needs stream: true",
+                               param="pasta.threads")
+            if body.pasta.force is not None and body.n > 1:
+                raise APIError(400, "pasta.force replays one annotated answer; it needs n: 1", param="pasta.force")
         try:
             config = replace(c, **kw)
             config = engine.check(config)
@@ -529,11 +554,13 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
                                 f"this server gives at most {MAX_CHOICES} per request", param="n")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         choices: list[_Choice] = []
+        extra = body.pasta or PastaOptions()
         try:
             for p, ids in enumerate(prompts):
                 for k in range(body.n):
                     job = Job(ids, replace(config, seed=config.seed + k), loop, queue, index=len(choices),
-                              stop_ids=set() if body.ignore_eos else None)
+                              stop_ids=set() if body.ignore_eos else None, threads=extra.threads,
+                              force=extra.force)
                     scheduler.submit(job)
                     choices.append(_Choice(job, body.stop or []))
         except (Busy, Closed) as e:
@@ -566,8 +593,9 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
             out = c.stop.feed(payload)
             if c.stop.stopped:  # a stop string: the answer ends here; decoding stops at the next step
                 scheduler.cancel(c.job, client_gone=False)
-        elif kind == "tokens":
-            c.tokens.extend(payload)
+        elif kind in ("tokens", "threads"):
+            if kind == "tokens":
+                c.tokens.extend(payload)
             out = ""
         elif kind == "done":
             c.result = payload
@@ -625,6 +653,11 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
                     index, kind, payload = await queue.get()
                     c = choices[index]
                     text = _on_event(c, kind, payload)
+                    if kind == "threads":  # pasta.threads: what each thread did in this step, as a chunk of its own
+                        out = chunk(c, "")
+                        out["pasta"] = payload
+                        yield _sse(out)
+                        continue
                     entries = c.sendable() if want_lp and kind != "error" else None
                     if text or entries:
                         yield _sse(chunk(c, text, entries=entries))
@@ -706,6 +739,12 @@ def create_app(engine: Engine, cfg: ServeConfig, compute: ComputeThread | None =
                 out = envelope(obj, [{"index": c.job.index, **part, "finish_reason": _finish_reason(c)}], [c.result])
                 if body.raw:
                     out["raw"] = c.result.raw
+                if c.job.threads:  # the figures of the answer, and its pieces as they ended
+                    r = c.result
+                    out["pasta"] = {"done": True, "tokens": r.tokens, "tag_tokens": r.tag_tokens,
+                                    "decode_steps": r.decode_steps, "threads": r.threads,
+                                    "theoretical_speedup": r.theoretical_speedup, "wall_s": r.wall_s,
+                                    "mode": r.mode, "limits_hit": r.limits_hit, "pieces": r.pieces}
                 return out
 
             return _stream(choices, chunk, final, endpoint, want_lp)

@@ -38,7 +38,8 @@ class Closed(Exception):
 @dataclass
 class Job:
     """One request (one choice of one HTTP request) as the serving loop sees it. Events on `queue`:
-    (index, "text", delta), (index, "tokens", logprob entries) when it asked for logprobs, (index, "done", Result),
+    (index, "text", delta), (index, "tokens", logprob entries) when it asked for logprobs, (index, "threads", what
+    each thread did in a step) when it asked for `threads`, (index, "done", Result),
     (index, "error", message); the jobs of one HTTP request (n
     choices, several prompts) share a queue and tell their events apart by `index`."""
 
@@ -53,6 +54,8 @@ class Job:
     stop_ids: set[int] | None = None  # None: the engine's; empty: ignore EOS
     id: int = field(default_factory=itertools.count().__next__)
     client_gone: bool = False
+    threads: bool = False  # pasta.threads: also emit (index, "threads", `batch.thread_view`) after each step
+    force: str | None = None  # pasta.force: replay this annotated answer instead of sampling
 
     def emit(self, kind: str, payload) -> None:
         if kind == "text" and self.first_text is None:
@@ -195,9 +198,16 @@ class Scheduler:
                     try:
                         on_tokens = (None if job.config.logprobs is None
                                      else lambda e, j=job: j.emit("tokens", e))
+                        on_step = (lambda v, j=job: j.emit("threads", v)) if job.threads else None
+                        replay = {}
+                        if job.force is not None:  # pasta.force: the annotated answer is replayed
+                            from ..engine.engine import scripts_for
+
+                            replay = dict(scripts=scripts_for(self.engine.tokenizer, job.force,
+                                                              job.config.sequential), forced=True)
                         job.request = self.batcher.add(job.prompt_ids, job.config, stop_ids=job.stop_ids,
                                                        on_text=lambda s, j=job: j.emit("text", s),
-                                                       on_tokens=on_tokens)
+                                                       on_tokens=on_tokens, on_step=on_step, **replay)
                     except Exception as e:  # noqa: BLE001 - this request's settings: it fails alone
                         self._release()
                         job.emit("error", f"could not start decoding: {type(e).__name__}: {e}")

@@ -49,7 +49,8 @@ class ThreadsView:
             name = "main" if tid == 0 else f"thread {tid}"
             state = "live" if tid in self.live else f"done ({self.finish.get(tid) or 'ended'})"
             count = f"{self.tokens.get(tid, 0)} tok" + (f", {self.tags[tid]} tag" if self.tags.get(tid) else "")
-            tail = self.texts[tid].replace("\n", " ")[-WIDTH:]
+            tail = self.texts[tid].replace("\n", " ")
+            tail = tail if len(tail) <= WIDTH else "…" + tail[-(WIDTH - 1):]  # the latest text, cut at its start
             line = Text.assemble((f"{name:<10}", f"bold {color(tid)}"), (f"{count:<16}", ""),
                                  (f"{state:<15}", "dim"), (tail, color(tid)), no_wrap=True, overflow="ellipsis")
             lines.append(line)

@@ -45,7 +45,7 @@ def auto_adapter(adapter: str | None, model: str | None, layout: str | None = No
     reserve layout's) elsewhere. Any other adapter, and any adapter of another model, is returned as it is."""
     if adapter not in (None, "auto") or model is not None:
         return adapter
-    linear = layout == "linear" or (layout is None and backend == "vllm")
+    linear = layout == "linear" or (layout is None and backend in ("vllm", "llamacpp"))  # linear-only backends
     return "pasta-linear" if linear and (BUNDLED_ADAPTERS["pasta-linear"] / "adapter_config.json").is_file() else "pasta"
 
 

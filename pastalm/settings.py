@@ -114,7 +114,7 @@ def from_args(cls, args, **overrides):
 
 # -- the model a command runs -------------------------------------------------------------------------------------
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "llamacpp")
 ADAPTER_HELP = ("LoRA adapter: 'auto' (the shipped PASTA adapter of the layout decoded on the bundled model, none on "
                 "others), 'pasta' (annotation v3, reserve layout), 'pasta-linear' (v3 trained in the linear layout), "
                 "'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', or a folder from "
@@ -132,8 +132,12 @@ class ModelSettings:
     baseline_adapter: str = opt("auto", "adapter of the sequential reference (pasta eval's sequential and sot modes, "
                                 "stage 2's quality reference): 'auto' (the shipped baseline adapter on the bundled "
                                 "model, none on others), 'baseline', 'none' or a folder")
-    backend: str = opt("hf", "decoding backend: 'hf' (transformers, in this process) or 'vllm' (stock vLLM; needs "
-                       "`scripts/setup.sh --vllm`; linear layout only)", choices=BACKENDS)
+    backend: str = opt("hf", "decoding backend: 'hf' (transformers, in this process), 'vllm' (stock vLLM; needs "
+                       "`scripts/setup.sh --vllm`; linear layout only) or 'llamacpp' (llama.cpp through "
+                       "llama-cpp-python; needs `scripts/setup.sh --llamacpp`; linear layout only)", choices=BACKENDS)
+    gguf_type: str = opt("q4_1", "llama.cpp: the type of the GGUF written from the model with its adapter merged: "
+                         "q4_1 (the bundled model's own), q8_0, f16 or f32 (exact)",
+                         choices=("q4_1", "q8_0", "f16", "f32"))
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per model replica (tensor parallelism)", type=positive_int)
     data_parallel_size: int = opt(1, "vLLM: model replicas (data parallelism)", type=positive_int)
     vllm_compile: bool = opt(True, "vLLM: compile the model (torch.compile, vLLM's default): on this CPU its steps are "
@@ -151,6 +155,8 @@ class ModelSettings:
         """Refuse, before anything is loaded, a layout the chosen backend cannot decode."""
         if self.backend == "vllm":
             from .engine.vllm import VllmEngine as cls
+        elif self.backend == "llamacpp":
+            from .engine.llamacpp import LlamaCppEngine as cls
         else:
             from .engine import Engine as cls
         cls.check_layout(layout)
@@ -166,6 +172,10 @@ class ModelSettings:
 
             return load_vllm(self.model, self.dtype, adapter, tensor_parallel_size=self.tensor_parallel_size,
                              data_parallel_size=self.data_parallel_size, compile=self.vllm_compile)
+        if self.backend == "llamacpp":
+            from .engine.llamacpp import load_llamacpp
+
+            return load_llamacpp(self.model, adapter, self.gguf_type)
         from .engine import Engine
         from .models import load
 

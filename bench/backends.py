@@ -1,13 +1,19 @@
-"""Backend benchmark: PASTA and sequential decoding on the transformers (hf) and vLLM backends, side by side.
+"""Backend benchmark: PASTA and sequential decoding on the transformers (hf), llama.cpp and vLLM backends, side by
+side, in one process and one run.
 
-Runs in the vLLM environment (`scripts/setup.sh --vllm`; `.venv-vllm/bin/python bench/backends.py`), on the
-bundled model by default, over the parallelizable evaluation prompts. Modes, all greedy, the same settings
-(--max-new-tokens, bf16, the linear layout for PASTA):
+The vLLM modes run in the vLLM environment (`scripts/setup.sh --vllm`; `.venv-vllm/bin/python bench/backends.py`),
+the llama.cpp ones where llama-cpp-python is installed (`scripts/setup.sh --llamacpp`; `.venv/bin/python`), on the
+bundled model by default, over the parallelizable evaluation prompts (`--set other`: the others). Modes, all
+greedy, the same settings (--max-new-tokens, bf16 on hf and vLLM, the GGUF type on llama.cpp, the linear layout):
 
-- `hf-seq`, `vllm-seq`: the sequential baseline (the shipped baseline adapter, as `pasta eval`'s sequential mode),
-  through pastalm's step loop;
-- `hf-pasta`, `vllm-pasta`: the shipped PASTA adapter, asynchronous decoding;
-- `vllm-native`: vLLM's own decoding of the baseline adapter (one request, no pastalm loop): what the loop costs.
+- `hf-seq`, `vllm-seq`, `lcpp-seq`: the sequential baseline (the shipped baseline adapter, as `pasta eval`'s
+  sequential mode), through pastalm's step loop;
+- `hf-pasta`, `vllm-pasta`, `lcpp-pasta`: the shipped PASTA adapter of the linear layout, asynchronous decoding;
+- `vllm-native`: vLLM's own decoding of the baseline adapter (one request, no pastalm loop): what the loop costs;
+- `lcpp-native`: llama.cpp's own greedy loop (one `llama_decode` and an argmax per token, as llama.cpp's examples
+  do) on the baseline's GGUF: what pastalm's loop costs there;
+- `lcpp-bundled`: the same loop on the bundled GGUF file itself (Q4_1, no adapter): what a user running llama.cpp
+  on this model gets today.
 
 Every prompt runs in every mode once per repetition (modes interleaved, the order rotated per prompt); a prompt's
 number per mode is the median over repetitions of rendered tokens per second (tags excluded) and the table gives
@@ -39,8 +45,45 @@ from pastalm.train.prompts import load_prompts  # noqa: E402
 
 BEGIN, END = "<!-- backends:begin -->", "<!-- backends:end -->"
 MODES = ("hf-seq", "hf-pasta", "vllm-seq", "vllm-pasta", "vllm-native")
+ALL_MODES = MODES + ("lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled")
 RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("vllm-seq", "hf-seq"),
-          ("vllm-seq", "vllm-native")]
+          ("vllm-seq", "vllm-native"), ("lcpp-pasta", "lcpp-seq"), ("lcpp-pasta", "lcpp-native"),
+          ("lcpp-seq", "lcpp-native"), ("lcpp-pasta", "hf-pasta"), ("lcpp-pasta", "lcpp-bundled"),
+          ("lcpp-native", "lcpp-bundled"), ("vllm-pasta", "lcpp-bundled")]
+
+
+def lcpp_native(lc, ids: list[int], max_new: int) -> dict:
+    """llama.cpp's own greedy decoding of one prompt on the engine's GGUF and context: prefill, then one
+    `llama_decode` of one token and an argmax per step, until a stop id or `max_new` tokens."""
+    import numpy as np
+
+    L = lc.lib
+    t0 = time.perf_counter()
+    mem = L.llama_get_memory(lc.ctx)
+    L.llama_memory_clear(mem, True)
+    b = L.llama_batch_init(max(len(ids), 1), 0, 1)
+    try:
+        b.n_tokens = len(ids)
+        for i, t in enumerate(ids):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, i == len(ids) - 1
+            b.seq_id[i][0] = 0
+        out, last = [], len(ids) - 1
+        for step in range(max_new):
+            assert L.llama_decode(lc.ctx, b) == 0
+            row = np.ctypeslib.as_array(L.llama_get_logits_ith(lc.ctx, last), shape=(lc.n_vocab,))
+            tok = int(row.argmax())
+            if tok in lc.stop_ids:
+                break
+            out.append(tok)
+            b.n_tokens = 1
+            b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = tok, len(ids) + step, 1, True
+            b.seq_id[0][0] = 0
+            last = 0
+    finally:
+        L.llama_batch_free(b)
+    wall = time.perf_counter() - t0
+    return {"tokens": len(out), "wall_s": wall, "text": lc.tokenizer.decode(out), "threads": 0,
+            "steps": len(out) + 1}
 
 
 def gmean(xs: list[float]) -> float:
@@ -74,19 +117,27 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--adapter", default="pasta", help="the PASTA adapter (default: the shipped one)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(ALL_MODES)}")
+    ap.add_argument("--adapter", default="pasta-linear",
+                    help="the PASTA adapter (default: the shipped one of the linear layout, which every mode decodes)")
+    ap.add_argument("--set", default="parallel", choices=("parallel", "other", "all"),
+                    help="the eval prompts: the parallelizable ones, the others, or all")
+    ap.add_argument("--gguf-type", default="q8_0", help="llama.cpp modes: the GGUF type (pastalm's default, q8_0)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "backends.jsonl")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backends.json")
     ap.add_argument("--doc", type=Path, help="update this markdown file's section between the markers")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
 
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {', '.join(bad)}; use {', '.join(ALL_MODES)}")
     from pastalm.engine import Engine, GenerateConfig
-    from pastalm.engine.vllm import load_vllm
     from pastalm.models import chat_prompt, load
 
-    prompts = [p for p in stratified(load_prompts("eval"), args.per_category) if p.get("parallel")]
+    want = {"parallel": lambda p: bool(p.get("parallel")), "other": lambda p: not p.get("parallel"),
+            "all": lambda p: True}[args.set]
+    prompts = [p for p in stratified(load_prompts("eval"), args.per_category) if want(p)]
     done: dict[tuple, dict] = {}
     if args.out.is_file():
         for line in args.out.read_text().splitlines():
@@ -98,8 +149,17 @@ def main(argv=None) -> None:
             m = load(None, args.dtype, adapter)
             engines[("hf", kind)] = Engine(m.model, m.tokenizer, m.name)
     if any(m.startswith("vllm") for m in modes):
+        from pastalm.engine.vllm import load_vllm
+
         for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
             engines[("vllm", kind)] = load_vllm(None, args.dtype, adapter)
+    if any(m.startswith("lcpp") for m in modes):
+        from pastalm.engine.llamacpp import load_llamacpp
+
+        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
+            engines[("lcpp", kind)] = load_llamacpp(None, adapter, args.gguf_type)
+        if "lcpp-bundled" in modes:
+            engines[("lcpp", "bundled")] = load_llamacpp(None, "none", "as-is")
     tok = next(iter(engines.values())).tokenizer
     seq = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear", sequential=True)
     pasta = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")
@@ -107,6 +167,10 @@ def main(argv=None) -> None:
     def run(mode: str, ids: list[int]) -> dict:
         backend, kind = mode.split("-")
         if kind == "native":
+            if backend == "lcpp":
+                return lcpp_native(engines[("lcpp", "baseline")], ids, args.max_new_tokens)
+        if kind == "bundled":
+            return lcpp_native(engines[("lcpp", "bundled")], ids, args.max_new_tokens)
             return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
         eng = engines[(backend, "pasta" if kind == "pasta" else "baseline")]
         r = eng.generate(ids, pasta if kind == "pasta" else seq)
@@ -164,8 +228,9 @@ def main(argv=None) -> None:
         mach = summary["machine"]
         where = f"{mach['processor']} ({mach['threads']} torch threads), torch {mach['torch']}"
         cmd = " ".join(a for a in sys.argv[1:] if not a.startswith("--doc") and a != str(args.doc))
-        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `.venv-vllm/bin/python bench/backends.py {cmd}`, "
-                 f"{len(prompts)} parallelizable eval prompts.\n\n{text}\n{END}")
+        py = ".venv-vllm/bin/python" if any(m.startswith("vllm") for m in modes) else ".venv/bin/python"
+        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `{py} bench/backends.py {cmd}`, "
+                 f"{len(prompts)} eval prompts ({args.set}).\n\n{text}\n{END}")
         if BEGIN in doc:
             doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
         else:

@@ -135,9 +135,11 @@ class ModelSettings:
     backend: str = opt("hf", "decoding backend: 'hf' (transformers, in this process), 'vllm' (stock vLLM; needs "
                        "`scripts/setup.sh --vllm`; linear layout only) or 'llamacpp' (llama.cpp through "
                        "llama-cpp-python; needs `scripts/setup.sh --llamacpp`; linear layout only)", choices=BACKENDS)
-    gguf_type: str = opt("q4_1", "llama.cpp: the type of the GGUF written from the model with its adapter merged: "
-                         "q4_1 (the bundled model's own), q8_0, f16 or f32 (exact)",
-                         choices=("q4_1", "q8_0", "f16", "f32"))
+    gguf_type: str = opt("q8_0", "llama.cpp: the type of the GGUF written from the model with its adapter merged: "
+                         "q8_0 (the shipped adapters fork as in f32), q4_1 (the bundled model's own type; the "
+                         "shipped PASTA adapter no longer forks there), f16, f32 (exact), or as-is (a .gguf --model "
+                         "or the bundled file itself, --adapter none)",
+                         choices=("q8_0", "q4_1", "f16", "f32", "as-is"))
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per model replica (tensor parallelism)", type=positive_int)
     data_parallel_size: int = opt(1, "vLLM: model replicas (data parallelism)", type=positive_int)
     vllm_compile: bool = opt(True, "vLLM: compile the model (torch.compile, vLLM's default): on this CPU its steps are "

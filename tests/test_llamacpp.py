@@ -107,3 +107,33 @@ def test_the_llamacpp_backend_refuses_the_reserve_layout(engines):
     _, lc = engines
     with pytest.raises(ValueError, match="linear"):
         lc.check(GenerateConfig(layout="reserve"))
+
+
+def test_serve_on_llamacpp_streams_the_playground_extras_like_the_hf_backend(engines):
+    """`pasta serve --backend llamacpp` in miniature: the playground page, and its stream of thread views and final
+    figures equal to the transformers backend's for a forced replay."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from pastalm.serve.app import ServeConfig, create_app
+
+    def run(engine):
+        cfg = ServeConfig(model_id="tiny", defaults=GenerateConfig(layout="linear", max_new_tokens=40))
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Two things?"}], "stream": True,
+                "temperature": 0, "max_tokens": 200, "pasta": {"threads": True, "force": REPLAYS[2]}}
+        with TestClient(create_app(engine, cfg)) as c:
+            assert c.get("/").status_code == 200
+            r = c.post("/v1/chat/completions", json=body)
+            plain = c.post("/v1/chat/completions", json={**body, "stream": False,
+                                                         "pasta": {"force": REPLAYS[2]}}).json()
+        events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        views = [e["pasta"] for e in events if "pasta" in e and not e["pasta"].get("done")]
+        final = {k: v for k, v in events[-1]["pasta"].items() if k != "wall_s"}
+        return views, final, plain["choices"][0]["message"]["content"]
+
+    hf, lc = engines
+    want, got = run(hf), run(lc)
+    assert got[1] == want[1] and got[1]["threads"] == 2
+    assert got[0] == want[0] and max(len(set(v["live"]) - {0}) for v in got[0]) == 2
+    assert got[2] == want[2] == "".join(p["text"] for p in got[1]["pieces"])

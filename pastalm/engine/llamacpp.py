@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .engine import Engine
 
-GGUF_KINDS = ("f32", "f16", "q8_0", "q4_1")
+GGUF_KINDS = ("f32", "f16", "q8_0", "q4_1", "as-is")
 
 
 class LlamaCppEngine(Engine):
@@ -196,11 +196,16 @@ class LlamaCppRunner:
         return {"cache_slots": sum(sum(st.count.values()) for st in self.states.values())}
 
 
-def load_llamacpp(model: str | None = None, adapter: str | None = "auto", kind: str = "q4_1",
+def load_llamacpp(model: str | None = None, adapter: str | None = "auto", kind: str = "q8_0",
                   n_ctx: int = 8192, threads: int | None = None, n_seq: int = 64) -> LlamaCppEngine:
     """A `LlamaCppEngine` on the GGUF of the folder `models.prepare` makes (the adapter merged), exported once next
-    to it in `kind` (float32, float16, Q8_0 or Q4_1). `n_ctx` is the KV cells all requests share (a cell shared by
-    a block and main counts once); `threads` defaults to every core."""
+    to it in `kind` (float32, float16, Q8_0 or Q4_1), or with kind 'as-is' the model's own GGUF file (the bundled
+    model's, or a --model .gguf; no adapter). `n_ctx` is the KV cells all requests share (a cell shared by a block
+    and main counts once); `threads` defaults to every core.
+
+    Q8_0 is the default: the shipped PASTA adapter still forks there as in float32 ("Give three tips to sleep
+    better.": 3 async threads in Q8_0, f16 and f32), while in Q4_1 it forks on none of the eval prompts tried
+    (the quantization error in the layers moves the margin that decides a promise)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..models import ModelError, auto_adapter, prepare, stop_ids
@@ -213,14 +218,24 @@ def load_llamacpp(model: str | None = None, adapter: str | None = "auto", kind: 
         raise ValueError(f"--backend llamacpp needs llama-cpp-python ({e}); run `scripts/setup.sh --llamacpp`") from None
     from ..gguf_export import export, quantize
 
+    L.llama_backend_init()
+    L.llama_log_set(_quiet(L), None)
     adapter = auto_adapter(adapter, model, None, "llamacpp")
+    if kind == "as-is":
+        from ..models import resolve, resolve_adapter
+
+        where, file, _ = resolve(model)
+        if file is None or resolve_adapter(adapter, model) is not None:
+            raise ValueError("--gguf-type as-is loads a GGUF file as it is: give --model FILE.gguf (or the bundled "
+                             "model) and --adapter none")
+        gguf_file = Path(where) / file
     folder, name, _ = prepare(model, adapter)
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"--backend llamacpp needs a local model (a folder or .gguf file), not {folder}")
     tok = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
-    gguf = folder / f"pastalm-{kind}.gguf"
+    gguf = gguf_file if kind == "as-is" else folder / f"pastalm-{kind}.gguf"
     if not gguf.is_file():
         base = folder / ("pastalm-f16.gguf" if kind == "f16" else "pastalm-f32.gguf")
         if not base.is_file():
@@ -229,8 +244,6 @@ def load_llamacpp(model: str | None = None, adapter: str | None = "auto", kind: 
             quantize(base, gguf, kind)
             if kind != "f32":
                 base.unlink()
-    L.llama_backend_init()
-    L.llama_log_set(_quiet(L), None)
     mp = L.llama_model_default_params()
     lmodel = L.llama_model_load_from_file(str(gguf).encode(), mp)
     if not lmodel:

@@ -146,6 +146,42 @@ def test_serve_on_vllm_streams_and_frees_everything_on_disconnect(engines):
             time.sleep(0.05)
 
 
+def test_the_playground_extras_on_vllm_match_the_hf_backend(engines):
+    """`pasta serve --backend vllm` serves the playground and its stream extras (`pasta.threads`, `pasta.force`):
+    (before the slow tests: their own vLLM engines tear down the parallel state the module's engine runs on)
+    per step the same threads live and the same pieces as on the transformers backend, the same final figures."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from pastalm.serve.app import ServeConfig, create_app
+
+    forced = ("Two: " + P.format(12) + "<async>alpha beta gamma delta epsilon zeta eta theta</async> and "
+              + P.format(5) + "<async>iota kappa</async><sync/> done.")
+
+    def run(engine):
+        cfg = ServeConfig(model_id="tiny", defaults=GenerateConfig(layout="linear", max_new_tokens=40),
+                          api_key="k")
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Two things?"}], "stream": True,
+                "temperature": 0, "max_tokens": 200, "pasta": {"threads": True, "force": forced}}
+        with TestClient(create_app(engine, cfg)) as c:
+            page = c.get("/")
+            assert page.status_code == 200 and "pastalm playground" in page.text
+            r = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
+            assert r.status_code == 200
+        events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        views = [e["pasta"] for e in events if "pasta" in e and not e["pasta"].get("done")]
+        final = {k: v for k, v in events[-1]["pasta"].items() if k != "wall_s"}
+        return views, final
+
+    hf, vl = engines
+    hf_views, hf_final = run(hf)
+    vl_views, vl_final = run(vl)
+    assert vl_final == hf_final and vl_final["threads"] == 2
+    assert vl_views == hf_views
+    assert max(len(set(v["live"]) - {0}) for v in vl_views) == 2
+
+
 @pytest.mark.slow
 def test_shipped_adapter_greedy_matches_the_hf_backend():
     """The bundled model with the shipped adapter, fp32: the same answer token for token on both backends.
@@ -201,37 +237,3 @@ def test_tag_token_adapter_matches_the_hf_backend(tmp_path):
     free = GenerateConfig(layout="linear", max_new_tokens=40)
     assert hf.generate(prompt, free).token_ids == vl.generate(prompt, free).token_ids
 
-
-def test_the_playground_extras_on_vllm_match_the_hf_backend(engines):
-    """`pasta serve --backend vllm` serves the playground and its stream extras (`pasta.threads`, `pasta.force`):
-    per step the same threads live and the same pieces as on the transformers backend, the same final figures."""
-    import json
-
-    from fastapi.testclient import TestClient
-
-    from pastalm.serve.app import ServeConfig, create_app
-
-    forced = ("Two: " + P.format(12) + "<async>alpha beta gamma delta epsilon zeta eta theta</async> and "
-              + P.format(5) + "<async>iota kappa</async><sync/> done.")
-
-    def run(engine):
-        cfg = ServeConfig(model_id="tiny", defaults=GenerateConfig(layout="linear", max_new_tokens=40),
-                          api_key="k")
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Two things?"}], "stream": True,
-                "temperature": 0, "max_tokens": 200, "pasta": {"threads": True, "force": forced}}
-        with TestClient(create_app(engine, cfg)) as c:
-            page = c.get("/")
-            assert page.status_code == 200 and "pastalm playground" in page.text
-            r = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
-            assert r.status_code == 200
-        events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
-        views = [e["pasta"] for e in events if "pasta" in e and not e["pasta"].get("done")]
-        final = {k: v for k, v in events[-1]["pasta"].items() if k != "wall_s"}
-        return views, final
-
-    hf, vl = engines
-    hf_views, hf_final = run(hf)
-    vl_views, vl_final = run(vl)
-    assert vl_final == hf_final and vl_final["threads"] == 2
-    assert vl_views == hf_views
-    assert max(len(set(v["live"]) - {0}) for v in vl_views) == 2

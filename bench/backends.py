@@ -43,7 +43,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pastalm.eval.speed import machine, stratified, timestamp  # noqa: E402
 from pastalm.train.prompts import load_prompts  # noqa: E402
 
-BEGIN, END = "<!-- backends:begin -->", "<!-- backends:end -->"
 MODES = ("hf-seq", "hf-pasta", "vllm-seq", "vllm-pasta", "vllm-native")
 ALL_MODES = MODES + ("lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled")
 RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("vllm-seq", "hf-seq"),
@@ -67,7 +66,7 @@ def lcpp_native(lc, ids: list[int], max_new: int) -> dict:
         for i, t in enumerate(ids):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, i == len(ids) - 1
             b.seq_id[i][0] = 0
-        out, last = [], len(ids) - 1
+        out, last, ttft = [], len(ids) - 1, None
         for step in range(max_new):
             assert L.llama_decode(lc.ctx, b) == 0
             row = np.ctypeslib.as_array(L.llama_get_logits_ith(lc.ctx, last), shape=(lc.n_vocab,))
@@ -75,6 +74,8 @@ def lcpp_native(lc, ids: list[int], max_new: int) -> dict:
             if tok in lc.stop_ids:
                 break
             out.append(tok)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
             b.n_tokens = 1
             b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = tok, len(ids) + step, 1, True
             b.seq_id[0][0] = 0
@@ -83,7 +84,7 @@ def lcpp_native(lc, ids: list[int], max_new: int) -> dict:
         L.llama_batch_free(b)
     wall = time.perf_counter() - t0
     return {"tokens": len(out), "wall_s": wall, "text": lc.tokenizer.decode(out), "threads": 0,
-            "steps": len(out) + 1}
+            "steps": len(out) + 1, "ttft_s": ttft if ttft is not None else wall}
 
 
 def gmean(xs: list[float]) -> float:
@@ -101,14 +102,17 @@ def native(vl, ids: list[int], max_new: int) -> dict:
     vl.llm.add_request(rid, TokensPrompt(prompt_token_ids=ids),
                        SamplingParams(max_tokens=max_new, temperature=0.0, stop_token_ids=sorted(vl.stop_ids),
                                       ignore_eos=True))
-    out = None
+    out, ttft = None, None
     while vl.llm.has_unfinished_requests():
         for o in vl.llm.step():
+            if o.request_id == rid and ttft is None and o.outputs and o.outputs[0].token_ids:
+                ttft = time.perf_counter() - t0
             if o.request_id == rid and o.finished:
                 out = o
     wall = time.perf_counter() - t0
     toks = [t for t in out.outputs[0].token_ids if t not in vl.stop_ids]
-    return {"tokens": len(toks), "wall_s": wall, "text": vl.tokenizer.decode(toks), "threads": 0}
+    return {"tokens": len(toks), "wall_s": wall, "text": vl.tokenizer.decode(toks), "threads": 0,
+            "ttft_s": ttft if ttft is not None else wall}
 
 
 def main(argv=None) -> None:
@@ -126,6 +130,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "backends.jsonl")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "backends.json")
     ap.add_argument("--doc", type=Path, help="update this markdown file's section between the markers")
+    ap.add_argument("--marker", default="backends",
+                    help="the section's markers in --doc: <!-- MARKER:begin --> and <!-- MARKER:end -->")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
 
@@ -169,13 +175,20 @@ def main(argv=None) -> None:
         if kind == "native":
             if backend == "lcpp":
                 return lcpp_native(engines[("lcpp", "baseline")], ids, args.max_new_tokens)
+            return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
         if kind == "bundled":
             return lcpp_native(engines[("lcpp", "bundled")], ids, args.max_new_tokens)
-            return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
         eng = engines[(backend, "pasta" if kind == "pasta" else "baseline")]
-        r = eng.generate(ids, pasta if kind == "pasta" else seq)
+        first: list[float] = []
+        t0 = time.perf_counter()
+
+        def on_text(piece: str) -> None:  # time to the first rendered text, as a streaming user sees it
+            if piece and not first:
+                first.append(time.perf_counter() - t0)
+
+        r = eng.generate(ids, pasta if kind == "pasta" else seq, on_text=on_text)
         return {"tokens": r.tokens, "wall_s": r.wall_s, "text": r.text, "threads": r.threads,
-                "steps": r.decode_steps}
+                "steps": r.decode_steps, "ttft_s": first[0] if first else r.wall_s}
 
     # warm-up: one answer per mode
     warm = chat_prompt(tok, "Give two tips to stay focused.")
@@ -209,16 +222,28 @@ def main(argv=None) -> None:
             common = [k for k in per[a] if k in per[b]]
             rows.append({"ratio": f"{a} / {b}", "prompts": len(common),
                          "gmean": gmean([per[a][k] / per[b][k] for k in common])})
+    def med(m: str, key: str) -> float | None:  # median over prompts of the per-prompt median over repetitions
+        xs = [statistics.median(done[(r, p["id"], m)][key] for r in range(args.reps) if (r, p["id"], m) in done)
+              for p in prompts if any((r, p["id"], m) in done and key in done[(r, p["id"], m)]
+                                      for r in range(args.reps))]
+        return statistics.median(xs) if xs else None
+
     table = {m: {"prompts": len(per[m]), "median_tok_s": statistics.median(per[m].values()) if per[m] else None,
+                 "median_wall_s": med(m, "wall_s"), "median_ttft_s": med(m, "ttft_s"),
                  "median_tokens": statistics.median(done[(0, k, m)]["tokens"] for k in per[m])
                  if per[m] and all((0, k, m) in done for k in per[m]) else None}
              for m in modes}
     summary = {"when": timestamp(), "machine": machine(), "settings": vars(args) | {"out": str(args.out),
                "json": str(args.json), "doc": str(args.doc)}, "modes": table, "ratios": rows}
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    lines = ["| mode | prompts | rendered tok/s (median) | rendered tokens (median) |", "|---|---|---|---|"]
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| mode | prompts | rendered tok/s (median) | rendered tokens (median) | wall-clock s (median) "
+             "| time to first token s (median) |", "|---|---|---|---|---|---|"]
     for m, t in table.items():
-        lines.append(f"| {m} | {t['prompts']} | {t['median_tok_s']:.1f} | {t['median_tokens']} |")
+        lines.append(f"| {m} | {t['prompts']} | {num(t['median_tok_s'], '.1f')} | {t['median_tokens']} "
+                     f"| {num(t['median_wall_s'], '.2f')} | {num(t['median_ttft_s'], '.3f')} |")
     lines += ["", "| ratio (geomean over prompts of medians of rendered tok/s) | prompts | value |", "|---|---|---|"]
     lines += [f"| {r['ratio']} | {r['prompts']} | {r['gmean']:.2f}x |" for r in rows]
     text = "\n".join(lines)
@@ -229,10 +254,11 @@ def main(argv=None) -> None:
         where = f"{mach['processor']} ({mach['threads']} torch threads), torch {mach['torch']}"
         cmd = " ".join(a for a in sys.argv[1:] if not a.startswith("--doc") and a != str(args.doc))
         py = ".venv-vllm/bin/python" if any(m.startswith("vllm") for m in modes) else ".venv/bin/python"
-        block = (f"{BEGIN}\nMeasured {summary['when']} on {where}: `{py} bench/backends.py {cmd}`, "
-                 f"{len(prompts)} eval prompts ({args.set}).\n\n{text}\n{END}")
-        if BEGIN in doc:
-            doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+        begin, end = f"<!-- {args.marker}:begin -->", f"<!-- {args.marker}:end -->"
+        block = (f"{begin}\nMeasured {summary['when']} on {where}: `{py} bench/backends.py {cmd}`, "
+                 f"{len(prompts)} eval prompts ({args.set}).\n\n{text}\n{end}")
+        if begin in doc:
+            doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
         else:
             doc += "\n" + block + "\n"
         args.doc.write_text(doc)

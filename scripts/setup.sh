@@ -6,7 +6,8 @@
 #                             machine); its last line is the `pasta` to run with --backend vllm
 #   scripts/setup.sh --llamacpp   llama-cpp-python into .venv, for bench/llamacpp_batch.py and the llama.cpp
 #                             columns of the benchmarks: no CPU wheel on PyPI here, so it is built from source
-#                             once (about 10 minutes on 2 cores) into ~/.cache/pastalm/wheels and reused
+#                             once (about 10 minutes on 2 cores) into ~/.cache/pastalm/wheels and reused;
+#                             also into .venv-vllm when it exists (bench/backends.py runs all three backends there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--vllm" ]; then
@@ -42,6 +43,11 @@ if [ "${1:-}" = "--llamacpp" ]; then
     fi
     .venv/bin/pip install --quiet --force-reinstall --no-deps "$(ls -t "$wheels"/llama_cpp_python-*.whl | head -1)" diskcache jinja2
     .venv/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+    # into the vLLM environment too, where there is one: bench/backends.py runs every backend in one process there
+    if [ -x .venv-vllm/bin/pip ]; then
+        .venv-vllm/bin/pip install --quiet --force-reinstall --no-deps "$(ls -t "$wheels"/llama_cpp_python-*.whl | head -1)" diskcache
+        .venv-vllm/bin/python -c "import llama_cpp"
+    fi
     exit 0
 fi
 python3 -m venv .venv

@@ -45,10 +45,7 @@ def main(argv=None) -> None:
         pp = per_prompt(s)
         meds, lo, hi = [], [], []
         for m in modes:
-            xs = sorted(pp.get(m, []))
-            if not xs:
-                meds.append(0.0), lo.append(0.0), hi.append(0.0)
-                continue
+            xs = sorted(pp.get(m, [])) or [0.0]  # a mode absent from this summary: an empty bar
             q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
             meds.append(statistics.median(xs))
             lo.append(meds[-1] - q[0])

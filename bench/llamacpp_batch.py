@@ -36,8 +36,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ks", default="1,2,4,8")
+    ap.add_argument("--context", type=int, default=0,
+                    help="tokens in the cache before the timed calls (the prompt repeated; default: the prompt only)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.context > 512:
+        ap.error("--context is at most 512 (the prompt is decoded in one batch of at most 512 tokens)")
 
     import llama_cpp as L
 
@@ -65,7 +69,10 @@ def main() -> None:
     buf = (L.llama_token * 256)()
     n_prompt = L.llama_tokenize(vocab, text, len(text), buf, 256, False, True)
     prompt = list(buf[:n_prompt])
-    batch = L.llama_batch_init(512, 0, max(ks))
+    while len(prompt) < args.context:  # a longer cache, as in the middle of an answer
+        prompt += prompt[: args.context - len(prompt)]
+    n_prompt = len(prompt)
+    batch = L.llama_batch_init(max(512, n_prompt), 0, max(ks))
 
     def fill(tokens: list[tuple[int, int, int]]) -> None:
         """(token, position, sequence) per row; logits for every row."""
@@ -114,7 +121,8 @@ def main() -> None:
         r["speedup_vs_1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
         print(f"| {r['k']} | {r['ms_per_call']:.2f} | {r['cost_vs_1']:.2f}x | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_1']:.2f}x |")
-    out = {"gguf": Path(gguf).name, "threads": args.threads, "steps": args.steps, "reps": args.reps, "rows": rows,
+    out = {"gguf": Path(gguf).name if not args.gguf else f"{Path(gguf).parent.name}/{Path(gguf).name}",
+           "context": n_prompt, "threads": args.threads, "steps": args.steps, "reps": args.reps, "rows": rows,
            "llama_cpp_python": L.__version__, "machine": machine(), "when": timestamp()}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

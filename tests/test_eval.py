@@ -510,7 +510,7 @@ def test_adapter_options_are_checked():
 # -- visible defects ---------------------------------------------------------------------------------------------
 
 from pastalm.eval.defects import (  # noqa: E402
-    DEFECTS, defects, duplicate_items, empty_items, glued, numbering_broken, runaway, tag_leak)
+    DEFECTS, cut_chunks, defects, duplicate_items, empty_items, glued, numbering_broken, runaway, tag_leak)
 
 
 def test_defects_on_the_answers_of_issue_13():
@@ -532,6 +532,22 @@ def test_defects_on_the_answers_of_issue_13():
     clean = "Three tips:\n\n1. **Sleep**: Keep a fixed schedule.\n\n2. **Light**: Dim the lights.\n\nRest well."
     d = defects(clean, clean, [{"thread": 0, "text": clean, "finish": "eos"}], [])
     assert not any(d[k] for k in DEFECTS) and "empty_item" in DEFECTS
+
+
+def test_a_chunk_the_block_guard_ended_mid_sentence_is_cut():
+    """Issue 24, eval-0014 on llama.cpp: a block wrote a promise, the block guard ended it, and the reader got
+    `1. **Salt**: Salt is one of the most`. That is a cut chunk like one its budget ended; a block that closed, or
+    a guard ending after a full sentence, is not; main's pieces never count."""
+    head = {"thread": 0, "text": "Spices:\n\n1. **Salt**:", "finish": "eos"}
+    for finish in ("block_guard", "budget"):
+        assert cut_chunks([head, {"thread": 1, "text": " Salt is one of the most", "finish": finish}]) == 1
+    assert cut_chunks([head, {"thread": 1, "text": " Salt is one of the most", "finish": "close"}]) == 0
+    assert cut_chunks([head, {"thread": 1, "text": " Salt preserves food.", "finish": "block_guard"}]) == 0
+    assert cut_chunks([{"thread": 0, "text": "Salt is one of the most", "finish": "block_guard"}]) == 0
+    text = head["text"] + " Salt is one of the most"
+    d = defects(text, text, [head, {"thread": 1, "text": " Salt is one of the most", "finish": "block_guard"}],
+                ["block_guard(thread 1)"])
+    assert d["cut_chunk"] and d["cut_chunks"] == 1
 
 
 def test_empty_item_is_a_lead_without_body():

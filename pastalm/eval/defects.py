@@ -8,7 +8,8 @@ Definitions are in docs/spec.md ("Quality measures"):
 - `tag_leak`: a tag or a piece of one in the text (`<promise`, `</async`, `<sync`, ` tokens="12`, ...);
 - `hit_limit`: the answer ended on the token or context limit; `runaway`: it did so while main was still
   promising (a promise within main's last 300 characters of annotated text);
-- `cut_chunk`: a chunk that ended on its block budget in mid-sentence;
+- `cut_chunk`: a chunk that ended in mid-sentence on its block budget, or where the block guard ended it (a block
+  that wrote a promise: `...Salt is one of the most`);
 - `glued`: two chunks touch with no whitespace between them (`...a deli.2. **Buy`, `languageAnother`), or a list
   marker stands mid-line right after a sentence end;
 - `numbering`: numbered list markers out of order (1, 2, 4, 4, ...; a restart at 1 is a new list);
@@ -49,8 +50,11 @@ def _main_tail(raw: str, chars: int) -> str:
     return main[-chars:]
 
 
+CUTTING = ("budget", "block_guard")  # why a block ended that can leave its last sentence unfinished
+
+
 def cut_chunks(pieces: list[dict]) -> int:
-    return sum(1 for p in pieces if p.get("finish") == "budget" and p.get("thread", 0) != 0
+    return sum(1 for p in pieces if p.get("finish") in CUTTING and p.get("thread", 0) != 0
                and p["text"].strip() and not _SENTENCE_END.search(p["text"]))
 
 

@@ -295,7 +295,7 @@ ROWS = [
     ("defect: tag leak", "defects.tag_leak", "{:.0%}"),
     ("defect: hit the token limit", "defects.hit_limit", "{:.0%}"),
     ("defect: runaway (hit the limit while promising)", "defects.runaway", "{:.0%}"),
-    ("defect: chunk cut by its budget mid-sentence", "defects.cut_chunk", "{:.0%}"),
+    ("defect: chunk cut mid-sentence (budget or block guard)", "defects.cut_chunk", "{:.0%}"),
     ("defect: glued items", "defects.glued", "{:.0%}"),
     ("defect: numbering out of order", "defects.numbering", "{:.0%}"),
     ("defect: duplicate items", "defects.duplicate_items", "{:.0%}"),

@@ -145,3 +145,47 @@ def test_the_first_lead_streams_at_once(tokenizer):
                           False, scripts)
     parts = drive(limited)  # max_promises=1: the second lead may be refused, so it is held, and it is refused
     assert "2. **Plan**" not in "".join(parts) and limited.limits_hit == ["max_promises"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_block_cannot_choose_a_one_token_promise(arch):
+    """With the block guard (the default), a block never chooses a promise tag token (only main forks): a model
+    that prefers one by far in every position still writes, in the block, exactly what the same model without
+    that preference writes, and no block ends by the guard. Without the guard the block writes the promise."""
+    import torch
+
+    from pastalm.engine import Engine, GenerateConfig
+    from pastalm.engine.interpreter import promise_token_ids
+    from pastalm.lang.tags import TAG_TOKENS
+    from pastalm.models import add_tokens, chat_prompt
+    from pastalm.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, vocab_size=len(tok) + len(TAG_TOKENS))
+    add_tokens(model, tok, TAG_TOKENS)
+    promises = promise_token_ids(tok)
+    assert len(promises) == 10 and tok.convert_tokens_to_ids('<promise tokens="10"/>') in promises
+    main = tok.encode('Go:<promise tokens="10"/> end.', add_special_tokens=False)
+    assert sum(i in promises for i in main) == 1
+    prompt = chat_prompt(tok, "Hi")
+    eng = Engine(model, tok, "tiny", stop_ids={tok.eos_token_id})
+
+    def answer(guard: bool):
+        res = eng.generate(prompt, GenerateConfig(max_new_tokens=60, block_guard=guard, repeat_guard=False),
+                           scripts=[main, []], scaffold=True)
+        return res, [p["text"] for p in res.pieces if p["thread"] == 1]
+
+    plain, plain_block = answer(True)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[list(promises)] = 1e3
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias.to(out.dtype))
+    try:
+        masked, masked_block = answer(True)
+        free, _ = answer(False)
+    finally:
+        hook.remove()
+    assert plain.threads == masked.threads == 1
+    assert masked_block == plain_block and masked.text == plain.text
+    assert masked.finish[1] != "block_guard" and not any("block_guard" in h for h in masked.limits_hit)
+    block_raw = free.raw.split("<async>", 1)[1]
+    assert "<promise" in block_raw  # unguarded, the block writes what the model prefers

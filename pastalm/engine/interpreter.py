@@ -19,7 +19,7 @@ from enum import IntEnum
 
 from ..lang.layout import Layout, ReservePolicy, Span
 from ..lang.parser import AsyncClose, Promise, Stray, StreamParser, Sync, Text
-from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN, TAG_HEAD_RE
+from ..lang.tags import ASYNC_CLOSE, ASYNC_OPEN, TAG_HEAD_RE, TAG_TOKENS
 
 _LIST_MARKER = re.compile(r"^\s*(?:#+|[-*+]|\d+[.)])\s+")
 # A line that may be a list item's lead (`2. **Design**:`, `- Buy`, `**Tip**`, the `2` before its `.`, or only the
@@ -53,7 +53,8 @@ class Limits:
     max_threads: int = 8  # live async threads; a promise past this is decoded inline by main
     max_promises: int | None = None  # runaway guard: main ends at a promise past this many in one answer
     repeat_guard: bool = True  # runaway guard: main ends at a promise whose topic (or lead) an earlier promise had
-    block_guard: bool = True  # a block that writes a promise (a stray: blocks cannot fork) ends there
+    block_guard: bool = True  # a block cannot choose a one-token promise (masked), and one that spells a promise
+    # out (a stray: blocks cannot fork) ends there
     max_context: int | None = None  # cache slots (prompt, every written token, re-laid copies): a memory bound
     # (not the context a thread sees: that is bounded by max_positions; issue 26: the linear layout's copies of the
     # history counted against the model's positions and ended answers that fit them)
@@ -164,6 +165,23 @@ class Trace:
 
 
 _TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: holds a tag head}
+_PROMISE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its one-token promises' ids
+
+
+def promise_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of the vocabulary entries that are a whole promise tag each (a tag-token tokenizer, docs/spec.md
+    section 6); none on a plain one."""
+    try:
+        return _PROMISE_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab()
+    ids = tuple(sorted(vocab[t] for t in TAG_TOKENS if t.startswith("<promise") and t in vocab))
+    try:
+        _PROMISE_IDS[tokenizer] = ids
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+        pass
+    return ids
 
 
 def _touches(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
@@ -363,6 +381,13 @@ class Interpreter:
         if t.num_chosen < len(t.script):
             return t.script[t.num_chosen]
         return None if self.open_block_scripts and not t.is_main else STOP
+
+    def banned(self, tid: int) -> tuple[int, ...]:
+        """Token ids thread `tid` may not choose: with the block guard, a block's one-token promises (only main
+        forks; a block that wrote one would end there, mid-sentence, by the guard: issue 24)."""
+        if self.limits.block_guard and not self.threads[tid].is_main and not self.sequential:
+            return promise_token_ids(self.tokenizer)
+        return ()
 
     def write(self, tid: int, token: int, info=None) -> None:
         """Thread `tid` chose `token`: record it and act on the text it completes. `info`: the token's log-probability

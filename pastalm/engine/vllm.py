@@ -30,6 +30,8 @@ from .engine import Engine
 from .interpreter import Status
 from .sampler import MIN_TEMPERATURE, thread_seed
 
+BANNED_BIAS = -1.0e4  # vLLM's logit bias for a token a thread may not choose (`Interpreter.banned`): never the max
+
 
 class VllmEngine(Engine):
     """`Engine` on a vLLM `LLMEngine` (in this process): `generate` and `batcher` as on the transformers backend,
@@ -153,6 +155,7 @@ class VllmRunner:
             logprobs=max((k for k in (5 if req.logits is not None else None, cfg.logprobs) if k is not None),
                          default=None),
             output_kind=RequestOutputKind.DELTA,
+            logit_bias={i: BANNED_BIAS for i in interp.banned(tid)} or None,
         )
         rid = f"pasta-{next(self.engine._ids)}"
         seq = _Seq(rid, tid, col)

@@ -216,6 +216,8 @@ class Interpreter:
         self.sequential = sequential
         self.scripts = scripts
         self.open_block_scripts = open_block_scripts  # a block's script is a forced prefix, then it decodes freely
+        # what a block may not choose (`banned`), looked up once per request: the decode step asks for every token
+        self.block_banned = promise_token_ids(tokenizer) if limits.block_guard and not sequential else ()
         self.limits_hit: list[str] = []
         self.num_promises = 0
         self.topics: set[str] = set()  # normalized topics of main's promises so far (the repeat guard)
@@ -385,9 +387,7 @@ class Interpreter:
     def banned(self, tid: int) -> tuple[int, ...]:
         """Token ids thread `tid` may not choose: with the block guard, a block's one-token promises (only main
         forks; a block that wrote one would end there, mid-sentence, by the guard: issue 24)."""
-        if self.limits.block_guard and not self.threads[tid].is_main and not self.sequential:
-            return promise_token_ids(self.tokenizer)
-        return ()
+        return () if self.threads[tid].is_main else self.block_banned
 
     def write(self, tid: int, token: int, info=None) -> None:
         """Thread `tid` chose `token`: record it and act on the text it completes. `info`: the token's log-probability

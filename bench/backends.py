@@ -138,8 +138,9 @@ def main(argv=None) -> None:
     bad = [m for m in modes if m not in ALL_MODES]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}; use {', '.join(ALL_MODES)}")
-    from pastalm.engine import Engine, GenerateConfig
-    from pastalm.models import chat_prompt, load
+    from pastalm.engine import GenerateConfig
+    from pastalm.models import chat_prompt
+    from pastalm.settings import ModelSettings
 
     want = {"parallel": lambda p: bool(p.get("parallel")), "other": lambda p: not p.get("parallel"),
             "all": lambda p: True}[args.set]
@@ -150,22 +151,13 @@ def main(argv=None) -> None:
             r = json.loads(line)
             done[(r["rep"], r["id"], r["mode"])] = r
     engines = {}
-    if any(m.startswith("hf") for m in modes):
-        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
-            m = load(None, args.dtype, adapter)
-            engines[("hf", kind)] = Engine(m.model, m.tokenizer, m.name)
-    if any(m.startswith("vllm") for m in modes):
-        from pastalm.engine.vllm import load_vllm
-
-        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
-            engines[("vllm", kind)] = load_vllm(None, args.dtype, adapter)
-    if any(m.startswith("lcpp") for m in modes):
-        from pastalm.engine.llamacpp import load_llamacpp
-
-        for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
-            engines[("lcpp", kind)] = load_llamacpp(None, adapter, args.gguf_type)
-        if "lcpp-bundled" in modes:
-            engines[("lcpp", "bundled")] = load_llamacpp(None, "none", "as-is")
+    for backend, short in (("hf", "hf"), ("vllm", "vllm"), ("llamacpp", "lcpp")):
+        if any(m.startswith(short + "-") for m in modes):
+            settings = ModelSettings(dtype=args.dtype, backend=backend, gguf_type=args.gguf_type)
+            for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
+                engines[(short, kind)] = settings.engine(adapter, layout="linear")
+    if "lcpp-bundled" in modes:
+        engines[("lcpp", "bundled")] = ModelSettings(backend="llamacpp", gguf_type="as-is").engine("none")
     tok = next(iter(engines.values())).tokenizer
     seq = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear", sequential=True)
     pasta = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")
@@ -234,7 +226,8 @@ def main(argv=None) -> None:
                  if per[m] and all((0, k, m) in done for k in per[m]) else None}
              for m in modes}
     summary = {"when": timestamp(), "machine": machine(), "settings": vars(args) | {"out": str(args.out),
-               "json": str(args.json), "doc": str(args.doc)}, "modes": table, "ratios": rows}
+               "json": str(args.json), "doc": str(args.doc)}, "modes": table, "ratios": rows,
+               "per_prompt_tok_s": per}
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)

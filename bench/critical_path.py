@@ -41,18 +41,6 @@ from pastalm.train.prompts import load_prompts  # noqa: E402
 KINDS = ("prefill", "lead", "between", "closing", "main tag", "parallel", "blocks, 2+", "longest block", "other")
 
 
-def tag_ids(tok) -> set[int]:
-    """The ids of the tags that are one vocabulary entry each (the tag-token adapters)."""
-    from pastalm.lang.tags import TAG_TOKENS
-
-    out = set()
-    for t in TAG_TOKENS:
-        ids = tok.encode(t, add_special_tokens=False)
-        if len(ids) == 1:
-            out.add(ids[0])
-    return out
-
-
 def trace(eng, ids: list[int], config, tags: set[int]) -> dict:
     """Decode one prompt, recording per step what each thread wrote, whether main waited and the step's time."""
     from pastalm.engine.interpreter import Status
@@ -130,24 +118,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "critical_path.json")
     args = ap.parse_args(argv)
     from pastalm.engine import GenerateConfig
+    from pastalm.engine.interpreter import tag_token_ids
     from pastalm.models import chat_prompt
+    from pastalm.settings import ModelSettings
 
-    if args.backend == "hf":
-        from pastalm.engine import Engine
-        from pastalm.models import load
-
-        m = load(None, "bf16", args.adapter)
-        eng = Engine(m.model, m.tokenizer, m.name)
-    elif args.backend == "vllm":
-        from pastalm.engine.vllm import load_vllm
-
-        eng = load_vllm(None, "bf16", args.adapter)
-    else:
-        from pastalm.engine.llamacpp import load_llamacpp
-
-        eng = load_llamacpp(None, args.adapter, "q8_0")
+    eng = ModelSettings(backend=args.backend, gguf_type="q8_0").engine(args.adapter, layout="linear")
     tok = eng.tokenizer
-    tags = tag_ids(tok)
+    tags = set(tag_token_ids(tok))
     config = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")
     want = (lambda p: bool(p.get("parallel"))) if args.set == "parallel" else (lambda p: not p.get("parallel"))
     prompts = [p for p in stratified(load_prompts("eval"), args.per_category) if want(p)]

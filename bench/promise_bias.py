@@ -35,13 +35,12 @@ def main(argv=None) -> None:
     from pastalm.engine import GenerateConfig
     from pastalm.engine import runner
     from pastalm.engine.llamacpp import load_llamacpp
-    from pastalm.lang.tags import TAG_TOKENS
+    from pastalm.engine.interpreter import promise_token_ids
     from pastalm.models import chat_prompt
 
     eng = load_llamacpp(None, "pasta-linear", "q8_0")
     tok = eng.tokenizer
-    promise_ids = [ids[0] for t in TAG_TOKENS if t.startswith("<promise")
-                   if len(ids := tok.encode(t, add_special_tokens=False)) == 1]
+    promise_ids = list(promise_token_ids(tok))
     if not promise_ids:
         raise SystemExit("the adapter has no one-token promise tags")
     bias = [0.0]

@@ -48,9 +48,9 @@ def test_default_pasta_adapter_is_the_v3_stage2_adapter():
 
 
 def test_the_linear_layout_gets_the_adapter_trained_in_it():
-    """'pasta-linear' was trained in the linear layout, with the tags as tokens of their own (two epochs continuing
-    the v4 adapter: SFT and stage 2 in that layout); 'auto' means it wherever the linear layout is decoded (asked
-    for, or the vLLM backend's default), and 'pasta' elsewhere."""
+    """'pasta-linear' was trained in the linear layout, with the tags as tokens of their own (continued from an
+    earlier adapter: the tag-token epochs, then the early-fork ones of docs/training.md); 'auto' means it wherever
+    the linear layout is decoded (asked for, or the vLLM and llama.cpp backends' default), and 'pasta' elsewhere."""
     from pastalm.lang.tags import TAG_TOKENS
     from pastalm.models import auto_adapter
     from pastalm.settings import ModelSettings

@@ -165,23 +165,27 @@ class Trace:
 
 
 _TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: holds a tag head}
-_PROMISE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its one-token promises' ids
+_TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {tag: id} of its one-token tags
+
+
+def tag_token_ids(tokenizer, prefix: str = "<") -> tuple[int, ...]:
+    """The ids of the vocabulary entries that are a whole tag each (a tag-token tokenizer, docs/spec.md section 6;
+    none on a plain one), of the tags that start with `prefix` (`"<promise"`: the promises only)."""
+    try:
+        found = _TAG_IDS[tokenizer]
+    except (KeyError, TypeError):
+        vocab = tokenizer.get_vocab()
+        found = {t: vocab[t] for t in TAG_TOKENS if t in vocab}
+        try:
+            _TAG_IDS[tokenizer] = found
+        except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+            pass
+    return tuple(sorted(i for t, i in found.items() if t.startswith(prefix)))
 
 
 def promise_token_ids(tokenizer) -> tuple[int, ...]:
-    """The ids of the vocabulary entries that are a whole promise tag each (a tag-token tokenizer, docs/spec.md
-    section 6); none on a plain one."""
-    try:
-        return _PROMISE_IDS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    vocab = tokenizer.get_vocab()
-    ids = tuple(sorted(vocab[t] for t in TAG_TOKENS if t.startswith("<promise") and t in vocab))
-    try:
-        _PROMISE_IDS[tokenizer] = ids
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
-        pass
-    return ids
+    """The ids of the vocabulary entries that are a whole promise tag each (none on a plain tokenizer)."""
+    return tag_token_ids(tokenizer, "<promise")
 
 
 def _touches(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:

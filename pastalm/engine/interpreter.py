@@ -165,19 +165,19 @@ class Trace:
 
 
 _TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: holds a tag head}
-_TAG_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {tag: id} of its one-token tags
+_ONE_TOKEN_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {tag: id} of its one-token tags
 
 
 def tag_token_ids(tokenizer, prefix: str = "<") -> tuple[int, ...]:
     """The ids of the vocabulary entries that are a whole tag each (a tag-token tokenizer, docs/spec.md section 6;
     none on a plain one), of the tags that start with `prefix` (`"<promise"`: the promises only)."""
     try:
-        found = _TAG_IDS[tokenizer]
+        found = _ONE_TOKEN_TAGS[tokenizer]
     except (KeyError, TypeError):
         vocab = tokenizer.get_vocab()
         found = {t: vocab[t] for t in TAG_TOKENS if t in vocab}
         try:
-            _TAG_IDS[tokenizer] = found
+            _ONE_TOKEN_TAGS[tokenizer] = found
         except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
             pass
     return tuple(sorted(i for t, i in found.items() if t.startswith(prefix)))

@@ -9,6 +9,7 @@ greedy, the same settings (--max-new-tokens, bf16 on hf and vLLM, the GGUF type 
 - `hf-seq`, `vllm-seq`, `lcpp-seq`: the sequential baseline (the shipped baseline adapter, as `pasta eval`'s
   sequential mode), through pastalm's step loop;
 - `hf-pasta`, `vllm-pasta`, `lcpp-pasta`: the shipped PASTA adapter of the linear layout, asynchronous decoding;
+- `hf-reserve`: the transformers backend's own default, the reserve layout with its shipped adapter (`pasta`);
 - `vllm-native`: vLLM's own decoding of the baseline adapter (one request, no pastalm loop): what the loop costs;
 - `lcpp-native`: llama.cpp's own greedy loop (one `llama_decode` and an argmax per token, as llama.cpp's examples
   do) on the baseline's GGUF: what pastalm's loop costs there;
@@ -44,8 +45,9 @@ from pastalm.eval.speed import machine, stratified, timestamp  # noqa: E402
 from pastalm.train.prompts import load_prompts  # noqa: E402
 
 MODES = ("hf-seq", "hf-pasta", "vllm-seq", "vllm-pasta", "vllm-native")
-ALL_MODES = MODES + ("lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled")
-RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("vllm-seq", "hf-seq"),
+ALL_MODES = MODES + ("hf-reserve", "lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled")
+RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("hf-reserve", "hf-seq"),
+          ("hf-pasta", "hf-reserve"), ("vllm-seq", "hf-seq"),
           ("vllm-seq", "vllm-native"), ("lcpp-pasta", "lcpp-seq"), ("lcpp-pasta", "lcpp-native"),
           ("lcpp-seq", "lcpp-native"), ("lcpp-pasta", "hf-pasta"), ("lcpp-pasta", "lcpp-bundled"),
           ("lcpp-native", "lcpp-bundled"), ("vllm-pasta", "lcpp-bundled")]
@@ -124,6 +126,8 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(ALL_MODES)}")
     ap.add_argument("--adapter", default="pasta-linear",
                     help="the PASTA adapter (default: the shipped one of the linear layout, which every mode decodes)")
+    ap.add_argument("--reserve-adapter", default="pasta",
+                    help="hf-reserve: the adapter decoded in the reserve layout (default: the shipped one trained in it)")
     ap.add_argument("--set", default="parallel", choices=("parallel", "other", "all"),
                     help="the eval prompts: the parallelizable ones, the others, or all")
     ap.add_argument("--gguf-type", default="q8_0", help="llama.cpp modes: the GGUF type (pastalm's default, q8_0)")
@@ -156,11 +160,14 @@ def main(argv=None) -> None:
             settings = ModelSettings(dtype=args.dtype, backend=backend, gguf_type=args.gguf_type)
             for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
                 engines[(short, kind)] = settings.engine(adapter, layout="linear")
+    if "hf-reserve" in modes:
+        engines[("hf", "reserve")] = ModelSettings(dtype=args.dtype).engine(args.reserve_adapter, layout="reserve")
     if "lcpp-bundled" in modes:
         engines[("lcpp", "bundled")] = ModelSettings(backend="llamacpp", gguf_type="as-is").engine("none")
     tok = next(iter(engines.values())).tokenizer
     seq = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear", sequential=True)
     pasta = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="linear")
+    reserve = GenerateConfig(max_new_tokens=args.max_new_tokens, layout="reserve")
 
     def run(mode: str, ids: list[int]) -> dict:
         backend, kind = mode.split("-")
@@ -170,7 +177,7 @@ def main(argv=None) -> None:
             return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
         if kind == "bundled":
             return lcpp_native(engines[("lcpp", "bundled")], ids, args.max_new_tokens)
-        eng = engines[(backend, "pasta" if kind == "pasta" else "baseline")]
+        eng = engines[(backend, kind if kind in ("pasta", "reserve") else "baseline")]
         first: list[float] = []
         t0 = time.perf_counter()
 
@@ -178,7 +185,7 @@ def main(argv=None) -> None:
             if piece and not first:
                 first.append(time.perf_counter() - t0)
 
-        r = eng.generate(ids, pasta if kind == "pasta" else seq, on_text=on_text)
+        r = eng.generate(ids, {"pasta": pasta, "reserve": reserve}.get(kind, seq), on_text=on_text)
         return {"tokens": r.tokens, "wall_s": r.wall_s, "text": r.text, "threads": r.threads,
                 "steps": r.decode_steps, "ttft_s": first[0] if first else r.wall_s}
 

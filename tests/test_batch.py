@@ -124,10 +124,10 @@ def test_a_request_that_fails_on_its_own_leaves_the_others_exact(model, tokenize
     real = runner_module.sample
     poisoned = GenerateConfig(max_new_tokens=30, temperature=0.5, seed=11)
 
-    def sample(logits, temperature, top_p, generator):
+    def sample(logits, temperature, top_p, generator, banned=()):
         if temperature == 0.5:
             raise FloatingPointError("boom")
-        return real(logits, temperature, top_p, generator)
+        return real(logits, temperature, top_p, generator, banned)
 
     monkeypatch.setattr(runner_module, "sample", sample)
     b = eng.batcher()

@@ -266,3 +266,25 @@ def test_logprobs_follow_the_rendered_answer_in_reading_order(model, tokenizer, 
     assert all(e["top"][0][0] == e["id"] and e["top"][0][1] == pytest.approx(e["logprob"]) for e in chose)
     shown = "".join(e["text"] for e in res.logprobs if e["logprob"] is None)
     assert shown == "Tips:\n\n\nEnd."  # main's own text, without its tags
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (1.0, 0.5)])
+def test_sample_never_picks_a_banned_token_and_leaves_the_row_as_it_was(temperature, top_p):
+    """`sample(..., banned)` (the block guard's mask) never returns a banned id, even when the banned ids hold
+    almost all the probability, greedy or sampled; and the row it was given is unchanged (the reported
+    log-probabilities are the model's own)."""
+    from pastalm.engine.sampler import sample, thread_generator
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    banned = (3, 7, 11)
+    logits[list(banned)] = 50.0
+    before = logits.clone()
+    g = thread_generator(0, 0)
+    picks = {sample(logits, temperature, top_p, g, banned) for _ in range(200)}
+    assert not picks & set(banned)
+    assert sample(logits, temperature, top_p, g) in banned  # without the mask the banned ids win
+    assert torch.equal(logits, before)
+    if temperature == 0.0:
+        masked = logits.clone()
+        masked[list(banned)] = float("-inf")
+        assert picks == {int(torch.argmax(masked))}

@@ -123,13 +123,8 @@ def choose(req, f, logits, chosen: dict) -> None:
         try:  # one request's sampling settings must not fail the others
             if f.thread not in req.generators:
                 req.generators[f.thread] = thread_generator(req.config.seed, f.thread)
-            banned = req.interp.banned(f.thread)
-            pick = logits
-            if banned:  # the log-probabilities reported below stay the model's own, as vLLM reports them
-                pick = logits.clone()
-                pick[list(banned)] = float("-inf")
-            tok = chosen[(req.id, f.thread)] = sample(pick, req.config.temperature, req.config.top_p,
-                                                      req.generators[f.thread])
+            tok = chosen[(req.id, f.thread)] = sample(logits, req.config.temperature, req.config.top_p,
+                                                      req.generators[f.thread], req.interp.banned(f.thread))
             if req.config.logprobs is not None:
                 req.token_info[f.thread] = token_info(logits, tok, req.config.logprobs)
         except Exception as e:  # noqa: BLE001 - reported as this request's failure by the step loop

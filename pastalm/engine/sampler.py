@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -19,14 +21,28 @@ def thread_generator(seed: int, thread: int) -> torch.Generator:
 MIN_TEMPERATURE = 1e-5  # below this sampling is greedy (as vLLM does): 1 / 1e-300 overflows into NaN probabilities
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Pick a token from one row of logits (V,). A temperature below MIN_TEMPERATURE is greedy; probabilities are
-    computed in float64, and a row that still gives no finite distribution falls back to greedy."""
+@functools.lru_cache(maxsize=64)
+def _index(ids: tuple[int, ...]) -> torch.Tensor:
+    """Token ids as an index tensor, made once per set (a request's banned ids are one tuple)."""
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+           banned: tuple[int, ...] = ()) -> int:
+    """Pick a token from one row of logits (V,), never one of `banned`. A temperature below MIN_TEMPERATURE is
+    greedy; probabilities are computed in float64, and a row that still gives no finite distribution falls back to
+    greedy. `logits` is left as it is (the log-probabilities a request reports are the model's own)."""
     if temperature < MIN_TEMPERATURE:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+        tok = int(torch.argmax(logits))
+        if tok in banned:  # rare: only then is a masked copy of the row made
+            tok = int(torch.argmax(logits.index_fill(0, _index(banned), float("-inf"))))
+        return tok
+    z = logits.double() / temperature  # a new tensor: masked in place
+    if banned:
+        z[_index(banned)] = float("-inf")
+    probs = torch.softmax(z, dim=-1)
     if not bool(torch.isfinite(probs).all()):  # NaN or inf logits
-        return int(torch.argmax(logits))
+        return int(torch.argmax(z))
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the most likely token

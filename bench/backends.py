@@ -45,12 +45,15 @@ from pastalm.eval.speed import machine, stratified, timestamp  # noqa: E402
 from pastalm.train.prompts import load_prompts  # noqa: E402
 
 MODES = ("hf-seq", "hf-pasta", "vllm-seq", "vllm-pasta", "vllm-native")
-ALL_MODES = MODES + ("hf-reserve", "lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled")
+ALL_MODES = MODES + ("hf-reserve", "lcpp-seq", "lcpp-pasta", "lcpp-native", "lcpp-bundled",
+                     "hf-cand", "vllm-cand", "lcpp-cand")
 RATIOS = [("vllm-pasta", "vllm-seq"), ("vllm-pasta", "hf-pasta"), ("hf-pasta", "hf-seq"), ("hf-reserve", "hf-seq"),
           ("hf-pasta", "hf-reserve"), ("vllm-seq", "hf-seq"),
           ("vllm-seq", "vllm-native"), ("lcpp-pasta", "lcpp-seq"), ("lcpp-pasta", "lcpp-native"),
           ("lcpp-seq", "lcpp-native"), ("lcpp-pasta", "hf-pasta"), ("lcpp-pasta", "lcpp-bundled"),
-          ("lcpp-native", "lcpp-bundled"), ("vllm-pasta", "lcpp-bundled")]
+          ("lcpp-native", "lcpp-bundled"), ("vllm-pasta", "lcpp-bundled"),
+          ("hf-cand", "hf-seq"), ("hf-cand", "hf-pasta"), ("vllm-cand", "vllm-seq"), ("vllm-cand", "vllm-pasta"),
+          ("lcpp-cand", "lcpp-seq"), ("lcpp-cand", "lcpp-pasta")]
 
 
 def lcpp_native(lc, ids: list[int], max_new: int) -> dict:
@@ -128,6 +131,8 @@ def main(argv=None) -> None:
                     help="the PASTA adapter (default: the shipped one of the linear layout, which every mode decodes)")
     ap.add_argument("--reserve-adapter", default="pasta",
                     help="hf-reserve: the adapter decoded in the reserve layout (default: the shipped one trained in it)")
+    ap.add_argument("--candidate", help="*-cand modes: a second PASTA adapter decoded like *-pasta, side by side "
+                    "with it in the same run (a candidate for shipping)")
     ap.add_argument("--set", default="parallel", choices=("parallel", "other", "all"),
                     help="the eval prompts: the parallelizable ones, the others, or all")
     ap.add_argument("--gguf-type", default="q8_0", help="llama.cpp modes: the GGUF type (pastalm's default, q8_0)")
@@ -142,6 +147,8 @@ def main(argv=None) -> None:
     bad = [m for m in modes if m not in ALL_MODES]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}; use {', '.join(ALL_MODES)}")
+    if any(m.endswith("-cand") for m in modes) and not args.candidate:
+        ap.error("the *-cand modes need --candidate ADAPTER")
     from pastalm.engine import GenerateConfig
     from pastalm.models import chat_prompt
     from pastalm.settings import ModelSettings
@@ -158,8 +165,9 @@ def main(argv=None) -> None:
     for backend, short in (("hf", "hf"), ("vllm", "vllm"), ("llamacpp", "lcpp")):
         if any(m.startswith(short + "-") for m in modes):
             settings = ModelSettings(dtype=args.dtype, backend=backend, gguf_type=args.gguf_type)
-            for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter)):
-                engines[(short, kind)] = settings.engine(adapter, layout="linear")
+            for kind, adapter in (("baseline", "baseline"), ("pasta", args.adapter), ("cand", args.candidate)):
+                if kind != "cand" or short + "-cand" in modes:
+                    engines[(short, kind)] = settings.engine(adapter, layout="linear")
     if "hf-reserve" in modes:
         engines[("hf", "reserve")] = ModelSettings(dtype=args.dtype).engine(args.reserve_adapter, layout="reserve")
     if "lcpp-bundled" in modes:
@@ -177,7 +185,7 @@ def main(argv=None) -> None:
             return native(engines[("vllm", "baseline")], ids, args.max_new_tokens)
         if kind == "bundled":
             return lcpp_native(engines[("lcpp", "bundled")], ids, args.max_new_tokens)
-        eng = engines[(backend, kind if kind in ("pasta", "reserve") else "baseline")]
+        eng = engines[(backend, kind if kind in ("pasta", "reserve", "cand") else "baseline")]
         first: list[float] = []
         t0 = time.perf_counter()
 
@@ -185,7 +193,7 @@ def main(argv=None) -> None:
             if piece and not first:
                 first.append(time.perf_counter() - t0)
 
-        r = eng.generate(ids, {"pasta": pasta, "reserve": reserve}.get(kind, seq), on_text=on_text)
+        r = eng.generate(ids, {"pasta": pasta, "cand": pasta, "reserve": reserve}.get(kind, seq), on_text=on_text)
         return {"tokens": r.tokens, "wall_s": r.wall_s, "text": r.text, "threads": r.threads,
                 "steps": r.decode_steps, "ttft_s": first[0] if first else r.wall_s}
 

@@ -178,7 +178,7 @@ def _train_parsers(sub) -> None:
     f.add_argument("--from", dest="from_adapter", required=True,
                    help="the PASTA adapter to start from: a folder from `pasta train sft` (or from an earlier "
                    "`pasta train prefer`), 'pasta' (the shipped v3 stage-2 adapter), 'pasta-linear' (the tag-token "
-                   "adapter of the linear layout, the vLLM backend's default), 'pasta-v2' (the v2 SFT one), "
+                   "adapter of the linear layout, every backend's default), 'pasta-v2' (the v2 SFT one), "
                    "'pasta-stage1' (the v1 SFT adapter) or 'pasta-v1' (the v1 stage-2 one)")
     _output_flag(f, "folder for samples, pairs, adapters, statistics")
     add_flags(f, PromptSettings, defaults={"prompts": "train"})

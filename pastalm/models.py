@@ -41,23 +41,26 @@ class Loaded:
 
 def auto_adapter(adapter: str | None, model: str | None, layout: str | None = None, backend: str = "hf") -> str | None:
     """--adapter with 'auto' (or None) made concrete for the bundled model: the shipped adapter trained for the layout
-    decoded, 'pasta-linear' where the linear layout is decoded (asked for, or the vLLM backend's own), 'pasta' (the
-    reserve layout's) elsewhere. Any other adapter, and any adapter of another model, is returned as it is."""
+    decoded, 'pasta-linear' for the linear layout (every backend's default: layout None), 'pasta' for the reserve
+    layout. Any other adapter, and any adapter of another model, is returned as it is. (`backend` is kept for the
+    callers: since the transformers backend's default became the linear layout it no longer changes the answer.)"""
     if adapter not in (None, "auto") or model is not None:
         return adapter
-    linear = layout == "linear" or (layout is None and backend in ("vllm", "llamacpp"))  # linear-only backends
+    linear = layout != "reserve"
     return "pasta-linear" if linear and (BUNDLED_ADAPTERS["pasta-linear"] / "adapter_config.json").is_file() else "pasta"
 
 
 def resolve_adapter(adapter: str | None, model: str | None) -> Path | None:
-    """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter of the reserve layout for the
-    bundled model (`auto_adapter` picks the one for another layout) and nothing for any other model; 'none' is the
+    """Map --adapter to a folder: 'auto' (the default) is the bundled PASTA adapter of the default (linear) layout
+    for the bundled model (`auto_adapter` picks the one for another layout) and nothing for any other model; 'none' is the
     base model; 'pasta', 'pasta-linear', 'pasta-v2', 'pasta-v1', 'pasta-stage1' and 'baseline' are the shipped
     ones."""
     if adapter is None or adapter == "auto":
-        if model is not None or not (BUNDLED_ADAPTERS["pasta"] / "adapter_config.json").is_file():
+        if model is not None:
             return None
         adapter = auto_adapter(adapter, model)
+        if not (BUNDLED_ADAPTERS[adapter] / "adapter_config.json").is_file():
+            return None
     if adapter == "none":
         return None
     if adapter in BUNDLED_ADAPTERS:

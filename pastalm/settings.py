@@ -116,7 +116,8 @@ def from_args(cls, args, **overrides):
 
 BACKENDS = ("hf", "vllm", "llamacpp")
 ADAPTER_HELP = ("LoRA adapter: 'auto' (the shipped PASTA adapter of the layout decoded on the bundled model, none on "
-                "others), 'pasta' (annotation v3, reserve layout), 'pasta-linear' (v3 trained in the linear layout), "
+                "others), 'pasta-linear' (v3 trained in the linear layout, every backend's default), 'pasta' (annotation v3, "
+                "reserve layout), "
                 "'pasta-v2', 'pasta-v1' (earlier defaults), 'pasta-stage1', 'baseline', 'none', or a folder from "
                 "`pasta train sft` or `pasta train prefer`")
 

@@ -91,8 +91,9 @@ def test_finished_requests_are_compacted_away_while_others_decode(model, tokeniz
     """The batcher's own compaction (no cancel): once finished requests' slots outweigh the live ones (and 256),
     the runner drops them mid-flight; the long request that lives through it decodes exactly as alone."""
     eng = Engine(model, tokenizer, "tiny", stop_ids=set())  # no EOS: every request runs to its max_new_tokens
-    long_job = (chat_prompt(tokenizer, "Give me some tips."), GenerateConfig(max_new_tokens=120, record_logits=True),
-                FORCED)
+    long_job = (chat_prompt(tokenizer, "Give me some tips."), GenerateConfig(max_new_tokens=120, record_logits=True,
+                                                                            layout="reserve"),
+                FORCED)  # the reserve layout: no re-laid copies, so the live request's slots are its fed tokens
     short = [(chat_prompt(tokenizer, f"Compare apples and oranges {i} " + "in detail " * 60),
               GenerateConfig(max_new_tokens=4), None) for i in range(6)]
     alone = eng.generate(long_job[0], long_job[1], force=long_job[2])

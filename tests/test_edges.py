@@ -63,7 +63,7 @@ def test_a_large_reservation_is_decoded_inline_not_the_end_of_the_answer(model, 
     assert "context" not in res.limits_hit and "max_positions" in res.limits_hit
     assert res.threads == 1  # the small one still forks
     huge = "A " + P.format(100000) + "<async>x y</async> b."
-    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=100), force=huge)
+    res = eng.generate(chat_prompt(tokenizer, "Hi"), GenerateConfig(max_new_tokens=100, layout="reserve"), force=huge)  # a reservation
     assert res.text == "A x y b." and res.threads == 0
 
 

@@ -25,16 +25,18 @@ def test_shipped_adapter_is_complete(name):
     assert records, f"{folder} says nothing about how it was trained"
 
 
-def test_default_pasta_adapter_is_the_v3_stage2_adapter():
-    """'pasta' (what `pasta generate` uses by default) is the stage-2 (lambda inf) adapter trained from the v3 SFT
+def test_reserve_pasta_adapter_is_the_v3_stage2_adapter():
+    """'pasta' (what `pasta generate --layout reserve` uses; the default until 2026-12-07) is the stage-2 (lambda inf) adapter trained from the v3 SFT
     adapter, and its record describes the weights actually shipped (the digest ship_adapter.py wrote matches the
     file); it continues the stage-1 adapter, so both have the same LoRA modules, with other values. 'pasta-v2'
     (annotation v2) and 'pasta-v1' (the v1 stage-2 lambda-inf adapter) are the defaults before it."""
+    from pastalm.models import auto_adapter
+
     folder = BUNDLED_ADAPTERS["pasta"]
     rec = json.loads((folder / "pasta_prefer.json").read_text())
     assert rec["config"]["from_adapter"].endswith("v3-sft2") and rec["round"]["lambda"] == "inf"
     assert rec["shipped"]["sha256"] == adapter_digest(folder)
-    assert resolve_adapter("auto", None) == folder
+    assert resolve_adapter(auto_adapter("auto", None, "reserve"), None) == folder
     v3 = load_file(str(folder / "adapter_model.safetensors"))
     stage1 = load_file(str(BUNDLED_ADAPTERS["pasta-stage1"] / "adapter_model.safetensors"))
     assert v3.keys() == stage1.keys()
@@ -50,7 +52,7 @@ def test_default_pasta_adapter_is_the_v3_stage2_adapter():
 def test_the_linear_layout_gets_the_adapter_trained_in_it():
     """'pasta-linear' was trained in the linear layout, with the tags as tokens of their own (continued from an
     earlier adapter: the tag-token epochs, then the early-fork ones of docs/training.md); 'auto' means it wherever
-    the linear layout is decoded (asked for, or the vLLM and llama.cpp backends' default), and 'pasta' elsewhere."""
+    the linear layout is decoded (every backend's default), and 'pasta' where the reserve layout is asked for."""
     from pastalm.lang.tags import TAG_TOKENS
     from pastalm.models import auto_adapter
     from pastalm.settings import ModelSettings
@@ -63,11 +65,14 @@ def test_the_linear_layout_gets_the_adapter_trained_in_it():
     assert adapter_tokens(folder) == TAG_TOKENS
     assert (auto_adapter("auto", None, "linear") == auto_adapter(None, None, None, "vllm")
             == auto_adapter("auto", None, "linear", "vllm") == "pasta-linear")
-    assert auto_adapter("auto", None) == auto_adapter("auto", None, "reserve") == "pasta"
+    # the linear layout is every backend's default since 2026-12-07, the transformers backend's too
+    assert auto_adapter("auto", None) == auto_adapter(None, None, None, "hf") == "pasta-linear"
+    assert auto_adapter("auto", None, "reserve") == auto_adapter("auto", None, "reserve", "hf") == "pasta"
     assert auto_adapter("pasta", None, "linear") == "pasta"  # a named adapter is kept
     assert auto_adapter("auto", "some/other-model", "linear") == "auto"  # another model: no shipped adapter
     assert resolve_adapter(auto_adapter("auto", None, "linear"), None) == folder
-    assert resolve_adapter("auto", None) == BUNDLED_ADAPTERS["pasta"]
+    assert resolve_adapter("auto", None) == folder
+    assert resolve_adapter(auto_adapter("auto", None, "reserve"), None) == BUNDLED_ADAPTERS["pasta"]
     assert resolve_adapter(auto_adapter("auto", "some/other-model", "linear"), "some/other-model") is None
     assert ModelSettings().adapter == "auto"
 

@@ -28,7 +28,7 @@ class GenerateConfig:
             model's positions (`max_position_embeddings`) still bound every thread's context.
         layout: 'reserve' (positions reserved per block; main sees the blocks where they were written) or 'linear'
             (nothing reserved; a sync re-lays the history in reading order): docs/spec.md section 3. None: the
-            backend's own (reserve on transformers, linear on vLLM, which runs only that).
+            backend's own (linear on every backend; reserve on transformers where a reserve_scale is given).
         reserve_scale: reserve layout: positions reserved per block, R = ceil(scale * tokens) + tag overhead; 0
             reserves none. None: 1 in the reserve layout, 0 (the only value it allows) in the linear one.
         temperature: 0 (or below 1e-5) is greedy.
@@ -59,9 +59,10 @@ class GenerateConfig:
     max_context: int | None = opt(None, "cache slots per request, re-laid copies included (default: no slot limit; the "
                                   "model's positions still bound each thread)",
                                   type=positive_int)
-    layout: str | None = opt(None, "'reserve': positions reserved per block, main sees blocks in place (the hf "
-                             "backend's default); 'linear': nothing reserved, a sync re-lays the history in reading "
-                             "order (the only one vLLM runs); docs/spec.md section 3", choices=LAYOUTS)
+    layout: str | None = opt(None, "'linear': nothing reserved, a sync re-lays the history in reading order (every "
+                             "backend's default, the only one vLLM and llama.cpp run); 'reserve': positions reserved "
+                             "per block, main sees blocks in place (transformers only; the default there when "
+                             "--reserve-scale is given); docs/spec.md section 3", choices=LAYOUTS)
     reserve_scale: float | None = opt(None, "reserve layout: positions reserved per block, ceil(scale * tokens) + "
                                       "tag overhead; 0 reserves none (default 1)", type=nonneg_float)
     temperature: float = opt(0.0, "0 is greedy", type=nonneg_float)
@@ -92,10 +93,11 @@ class GenerateConfig:
         """The reserve scale in effect."""
         if self.reserve_scale is not None:
             return self.reserve_scale
-        return 0.0 if self.layout == "linear" else 1.0
+        return 1.0 if self.layout == "reserve" else 0.0  # None: the linear layout, every backend's default
 
     def policy(self, tokenizer) -> ReservePolicy:
-        return ReservePolicy.for_tokenizer(tokenizer, self.scale, self.layout or "reserve")
+        layout = self.layout or ("reserve" if self.reserve_scale is not None else "linear")
+        return ReservePolicy.for_tokenizer(tokenizer, self.scale, layout)
 
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,

@@ -33,12 +33,19 @@ if [ "${1:-}" = "--vllm" ]; then
     exit 0
 fi
 if [ "${1:-}" = "--llamacpp" ]; then
-    wheels="${PASTA_CACHE:-$HOME/.cache/pastalm}/wheels"
+    # not -march=native: llama.cpp's AMX kernels segfault in llama_decode on these machines' Xeons
+    # (ggml-org/llama.cpp#20824), so AVX-512 without AMX, and only where the CPU has it (an AVX2-only EPYC died
+    # with "Illegal instruction" on the AVX-512 build); the cached wheel is kept per instruction set
+    isa="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    for f in avx512f:AVX512 avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+        if grep -qw "${f%%:*}" /proc/cpuinfo 2>/dev/null; then isa="$isa -DGGML_${f##*:}=ON"; else isa="$isa -DGGML_${f##*:}=OFF"; fi
+    done
+    isa="$isa -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    tag=$(echo "$isa" | grep -o "AVX512[A-Z_]*=ON" | sed 's/=ON//' | tr 'A-Z\n' 'a-z-')
+    wheels="${PASTA_CACHE:-$HOME/.cache/pastalm}/wheels/avx2${tag:+-$tag}"
     mkdir -p "$wheels"
     if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        # not -march=native: llama.cpp's AMX kernels segfault in llama_decode on these machines' Xeons
-        # (ggml-org/llama.cpp#20824), so AVX-512 without AMX
-        CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" \
+        CMAKE_ARGS="${CMAKE_ARGS:-$isa}" \
             .venv/bin/pip wheel --quiet --no-cache-dir --no-deps -w "$wheels" llama-cpp-python
     fi
     .venv/bin/pip install --quiet --force-reinstall --no-deps "$(ls -t "$wheels"/llama_cpp_python-*.whl | head -1)" diskcache jinja2

@@ -27,10 +27,10 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from pastalm.lang import render
 from pastalm.lang.tags import ASYNC_CLOSE, ASYNC_OPEN, promise_tag
 from pastalm.models import load_tokenizer
-from pastalm.train.annotate import check, lead_end
+from pastalm.train.annotate import check, lead_end, lead_words
+from pastalm.train.io import write_jsonl
 
 _SENTENCE_END = re.compile(r"[.!?:](?=\s|$)")
 
@@ -63,11 +63,6 @@ def fork_lead(annotated: str, min_words: int, min_body_words: int) -> str:
         forked = fork_paragraph(par, min_words, min_body_words) if after.strip() else None
         out.append(forked if forked is not None else par)
     return "".join(out) + rest
-
-
-def lead_words(annotated: str) -> int:
-    cut = annotated.find("<promise")
-    return len(render(annotated if cut < 0 else annotated[:cut]).split())
 
 
 def main() -> None:
@@ -128,10 +123,7 @@ def main() -> None:
     after = [lead_words(new["annotated"]) for new, _ in forked + unchanged]
     out = [row for row, _ in forked + unchanged + other]
     rng.shuffle(out)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w") as f:
-        for row in out:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(args.output, out)
     for k, v in sorted(why.items()):
         print(f"{v:5d}  {k}")
     print(f"{len(out):5d}  examples written to {args.output}")

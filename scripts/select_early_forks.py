@@ -24,13 +24,8 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pastalm.lang import render
-
-
-def lead_words(annotated: str) -> int:
-    """Words main renders before its first promise (the whole answer when there is none)."""
-    cut = annotated.find("<promise")
-    return len(render(annotated if cut < 0 else annotated[:cut]).split())
+from pastalm.train.annotate import lead_words
+from pastalm.train.io import write_jsonl
 
 
 def main() -> None:
@@ -70,10 +65,7 @@ def main() -> None:
             after.extend([n] * copies)
         why[f"{cat}: {n_short} x{args.repeat}, {n_keep - n_short} x1, {len(items) - n_keep} left out"] += 1
     random.Random(args.seed).shuffle(out)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w") as f:
-        for row in out:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(args.output, out)
     for k, v in sorted(why.items()):
         print(f"{v:5d}  {k}")
     print(f"{len(out):5d}  examples written to {args.output}")

@@ -258,6 +258,14 @@ def lead_end(item: str, words: int = 4) -> int:
     return start + spans[min(words, len(spans)) - 1]
 
 
+def lead_words(annotated: str) -> int:
+    """Words main renders before an annotation's first promise (the whole answer when there is none)."""
+    from ..lang import render
+
+    cut = annotated.find("<promise")
+    return len(render(annotated if cut < 0 else annotated[:cut]).split())
+
+
 def lead_topic(lead: str, max_words: int = 4) -> str:
     """The key words of a lead: without its marker, markup and trailing stop words, lower-cased."""
     m = _ITEM.match(lead)

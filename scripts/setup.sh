@@ -41,7 +41,7 @@ if [ "${1:-}" = "--llamacpp" ]; then
         if grep -qw "${f%%:*}" /proc/cpuinfo 2>/dev/null; then isa="$isa -DGGML_${f##*:}=ON"; else isa="$isa -DGGML_${f##*:}=OFF"; fi
     done
     isa="$isa -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-    tag=$(echo "$isa" | grep -o "AVX512[A-Z_]*=ON" | sed 's/=ON//' | tr 'A-Z\n' 'a-z-')
+    tag=$(echo "$isa" | { grep -o "AVX512[A-Z_]*=ON" || true; } | sed 's/=ON//' | tr 'A-Z\n' 'a-z-')
     wheels="${PASTA_CACHE:-$HOME/.cache/pastalm}/wheels/avx2${tag:+-$tag}"
     mkdir -p "$wheels"
     if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then

@@ -105,6 +105,18 @@ def test_linear_layout_refuses_a_reserve_scale():
         GenerateConfig(layout="diagonal")
 
 
+@pytest.mark.parametrize("config,layouts,expected", [
+    (GenerateConfig(), ("linear", "reserve"), "linear"),
+    (GenerateConfig(reserve_scale=0.5), ("linear", "reserve"), "reserve"),
+    (GenerateConfig(reserve_scale=0), ("linear",), "linear"),
+    (GenerateConfig(layout="reserve"), ("linear",), "reserve"),  # given: the backend's check refuses it
+])
+def test_the_layout_in_effect_is_decided_in_one_place(tokenizer, config, layouts, expected):
+    """`resolved_layout` decides both what a backend decodes (`Engine.check`) and the positions policy."""
+    assert config.resolved_layout(layouts) == expected
+    assert config.policy(tokenizer).linear == (config.resolved_layout() == "linear")
+
+
 @pytest.mark.parametrize("name", sorted(ANSWERS))
 def test_linear_training_examples_are_the_same_contexts(model, tokenizer, name):
     """Training in the linear layout (`layout_examples`: one example per re-laid sync): every labelled token sees

@@ -91,8 +91,7 @@ class Engine:
         self.check_layout(config.layout)
         if config.layout is not None:
             return config
-        layout = "reserve" if config.reserve_scale is not None and "reserve" in self.layouts else self.layouts[0]
-        return replace(config, layout=layout)
+        return replace(config, layout=config.resolved_layout(self.layouts))
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,

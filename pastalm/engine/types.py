@@ -95,9 +95,16 @@ class GenerateConfig:
             return self.reserve_scale
         return 1.0 if self.layout == "reserve" else 0.0  # None: the linear layout, every backend's default
 
+    def resolved_layout(self, layouts: tuple[str, ...] = ("linear", "reserve")) -> str:
+        """The layout these settings decode on a backend that runs `layouts` (its default first): the one given,
+        else the reserve layout where a reserve scale is given (it asks for one) and the backend runs it, else the
+        backend's default."""
+        if self.layout is not None:
+            return self.layout
+        return "reserve" if self.reserve_scale is not None and "reserve" in layouts else layouts[0]
+
     def policy(self, tokenizer) -> ReservePolicy:
-        layout = self.layout or ("reserve" if self.reserve_scale is not None else "linear")
-        return ReservePolicy.for_tokenizer(tokenizer, self.scale, layout)
+        return ReservePolicy.for_tokenizer(tokenizer, self.scale, self.resolved_layout())
 
     def limits(self, max_positions: int | None) -> Limits:
         return Limits(self.max_new_tokens, self.async_factor, self.async_cap, self.max_threads,

@@ -105,16 +105,22 @@ def test_linear_layout_refuses_a_reserve_scale():
         GenerateConfig(layout="diagonal")
 
 
-@pytest.mark.parametrize("config,layouts,expected", [
-    (GenerateConfig(), ("linear", "reserve"), "linear"),
-    (GenerateConfig(reserve_scale=0.5), ("linear", "reserve"), "reserve"),
-    (GenerateConfig(reserve_scale=0), ("linear",), "linear"),
-    (GenerateConfig(layout="reserve"), ("linear",), "reserve"),  # given: the backend's check refuses it
+@pytest.mark.parametrize("config,expected", [
+    (GenerateConfig(), "linear"),
+    (GenerateConfig(reserve_scale=0.5), "reserve"),
+    (GenerateConfig(reserve_scale=0), "reserve"),
+    (GenerateConfig(layout="linear"), "linear"),
 ])
-def test_the_layout_in_effect_is_decided_in_one_place(tokenizer, config, layouts, expected):
-    """`resolved_layout` decides both what a backend decodes (`Engine.check`) and the positions policy."""
-    assert config.resolved_layout(layouts) == expected
-    assert config.policy(tokenizer).linear == (config.resolved_layout() == "linear")
+def test_the_backend_and_the_positions_policy_agree_on_the_layout(model, tokenizer, config, expected):
+    """What the transformers backend decodes (`Engine.check`) and the positions it reserves (`policy`) follow the
+    same rule: a given layout, else the reserve layout where a reserve scale is given, else linear."""
+    from pastalm.engine import Engine
+
+    assert Engine(model, tokenizer).check(config).layout == expected
+    policy = config.policy(tokenizer)
+    assert policy.linear == (expected == "linear")
+    assert policy.scale == (config.reserve_scale or 0.0)
+    assert config.resolved_layout(("linear",)) == (config.layout or "linear")  # a linear-only backend (vLLM, llama.cpp)
 
 
 @pytest.mark.parametrize("name", sorted(ANSWERS))

@@ -89,9 +89,7 @@ class Engine:
         from dataclasses import replace
 
         self.check_layout(config.layout)
-        if config.layout is not None:
-            return config
-        return replace(config, layout=config.resolved_layout(self.layouts))
+        return config if config.layout is not None else replace(config, layout=config.resolved_layout(self.layouts))
 
     def generate(self, prompt_ids: list[int], config: GenerateConfig = GenerateConfig(),
                  force: str | None = None, on_text=None, scripts: list[list[int]] | None = None,
